@@ -1,0 +1,132 @@
+"""`LLM`: the offline facade, shaped like vLLM's so users feel at home.
+
+    from engine import LLM, SamplingParams
+    llm = LLM(model="tiny")
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0))
+    print(out[0].outputs[0].text)
+"""
+
+import itertools
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from mistral.checkpoint import DTYPES, CheckpointReader
+from mistral.moe import ExpertBackend
+from mistral.presets import resolve_model
+from mistral.weights import load_model
+
+Prompt = str | Sequence[int]
+
+
+def resolve_device_dtype(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """"auto" is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are orders of magnitude slower)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return dev, DTYPES[dtype]
+
+
+class LLM:
+    def __init__(self, model: str = "tiny", *, tokenizer: str | None = None, dtype: str = "auto",
+                 device: str | None = None, max_model_len: int | None = None, block_size: int = 16,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, kv_cache_memory: int | None = None,
+                 enable_prefix_caching: bool = True, experts: ExpertBackend | None = None,
+                 progress: bool = True):
+        self.model_path = resolve_model(model)
+        dev, torch_dtype = resolve_device_dtype(device, dtype)
+        net = load_model(CheckpointReader(self.model_path), torch_dtype, dev, experts=experts, progress=progress)
+        self.tokenizer = Tokenizer.load(self.model_path, tokenizer)
+        config = EngineConfig(max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
+                              enable_prefix_caching=enable_prefix_caching)
+        self.engine = LLMEngine(net, self.tokenizer, config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
+        """Complete each prompt (text, or token ids via `prompt_token_ids`); outputs in input order."""
+        if prompt_token_ids is not None:
+            items = [(None, list(ids)) for ids in prompt_token_ids]
+        elif isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            items = [self._encode(prompts)]
+        elif prompts:
+            items = [self._encode(p) for p in prompts]
+        else:
+            raise InvalidRequestError("no prompts given: pass prompts or prompt_token_ids", param="prompt")
+        return self._run(items, sampling_params)
+
+    def chat(self, messages: list[dict] | Sequence[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"} messages) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        items = [(None, self.tokenizer.encode_chat(conv)) for conv in conversations]
+        return self._run(items, sampling_params)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               chat: bool = False) -> Iterator[RequestOutput]:
+        """Yield one request's deltas as they are generated (text pieces concatenate to the output)."""
+        text, ids = (None, self.tokenizer.encode_chat(prompt)) if chat else self._encode(prompt)
+        request_id = str(next(self._ids))
+        self.engine.add_request(request_id, ids, sampling_params or SamplingParams(), text)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    yield out
+        finally:
+            self.engine.abort_request(request_id)
+
+    def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def _run(self, items: list[tuple[str | None, list[int]]],
+             params: SamplingParams | Sequence[SamplingParams] | None) -> list[RequestOutput]:
+        params = params or SamplingParams()
+        per_item = list(params) if isinstance(params, Sequence) else [params] * len(items)
+        if len(per_item) != len(items):
+            raise InvalidRequestError(f"got {len(per_item)} sampling params for {len(items)} prompts")
+        for p, (_, ids) in zip(per_item, items):
+            self.engine.validate(ids, p)  # all or nothing: refuse before any request starts
+        ids = [str(next(self._ids)) for _ in items]
+        for request_id, (text, tokens), p in zip(ids, items, per_item):
+            self.engine.add_request(request_id, tokens, p, text)
+        results: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for delta in self.engine.step():
+                results[delta.request_id] = merge(results.get(delta.request_id), delta)
+        return [results[i] for i in ids]
+
+
+def merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a delta into the accumulated output of the same request."""
+    if acc is None:
+        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [], None,
+                            num_cached_tokens=delta.num_cached_tokens)
+    by_index = {c.index: c for c in acc.outputs}
+    for c in delta.outputs:
+        if c.index not in by_index:
+            by_index[c.index] = type(c)(c.index, "", [], logprobs=[] if c.logprobs is not None else None)
+        a = by_index[c.index]
+        a.text += c.text
+        a.token_ids += c.token_ids
+        if c.logprobs is not None:
+            a.logprobs += c.logprobs
+        a.cumulative_logprob, a.finish_reason, a.stop_reason = c.cumulative_logprob, c.finish_reason, c.stop_reason
+    acc.outputs = [by_index[i] for i in sorted(by_index)]
+    acc.prompt_logprobs = delta.prompt_logprobs or acc.prompt_logprobs
+    acc.finished = delta.finished
+    return acc

@@ -1,0 +1,238 @@
+"""`LLMEngine`: one attention shard's engine. A step reads as three calls: schedule, run, apply.
+
+It owns the scheduler (which requests advance), the model runner (tensors) and, per user request, the output
+side: incremental detokenization, stop conditions and the deltas it returns. It is synchronous and single-
+threaded; `AsyncLLM` drives it from a background thread for servers, `LLM` from a loop for batch use.
+"""
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_MEMORY_UTILIZATION, CacheInfo, EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import EngineConfigError, InvalidRequestError, PromptTooLongError
+from engine.kv_cache_manager import KVCacheManager, max_blocks_per_sequence
+from engine.model_runner import ModelRunner, RunnerOutput
+from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from engine.request import Request
+from engine.sampler import Logprobs, SamplingState
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import Tokenizer
+from mistral.model import Transformer
+
+
+@dataclass
+class _Sample:
+    """Output side of one sample: its text so far and how much of it was already returned."""
+
+    seq: Request
+    detok: IncrementalDetokenizer
+    text: str = ""
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    sent_finished: bool = False
+
+
+@dataclass
+class _UserRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample] = field(default_factory=list)
+    sent_prompt_logprobs: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.seq.is_finished for s in self.samples)
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+        param = next(model.parameters())
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.cache_info = _size_cache(model, config, param.dtype, param.device)
+        needed = max_blocks_per_sequence(self.cache_info.max_model_len, config.max_num_batched_tokens,
+                                         config.block_size, model.config.sliding_window)
+        if needed > self.cache_info.num_blocks:
+            raise EngineConfigError(
+                f"the KV cache ({self.cache_info.kv_cache_bytes / 2**20:.0f} MiB, {self.cache_info.num_token_slots} "
+                f"tokens) cannot hold one sequence of max_model_len {self.cache_info.max_model_len} "
+                f"({needed * config.block_size} token slots needed): raise kv_cache_memory or lower max_model_len")
+        kv = KVCacheManager(self.cache_info.num_blocks, config.block_size, model.config.sliding_window,
+                            config.enable_prefix_caching)
+        self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache_info.num_blocks, config.block_size, param.dtype, param.device)
+        self._requests: dict[str, _UserRequest] = {}
+        self._seq_owner: dict[str, _UserRequest] = {}
+        self._arrival = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.cache_info.max_model_len
+
+    # ---- requests in ----
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Reject what can never run. Pure (reads only settings), so other threads may call it."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty: send at least one token of text", param="prompt")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})",
+                                      param="prompt")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's context (max_model_len) is "
+                f"{self.max_model_len}, which leaves no room to generate — shorten the prompt or raise "
+                "max_model_len", param="prompt")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        self.validate(prompt_token_ids, params)
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        user = _UserRequest(request_id, prompt, list(prompt_token_ids), params)
+        arrival, first = next(self._arrival), None
+        for i in range(params.n):
+            seq = Request(f"{request_id}#{i}", request_id, i, user.prompt_token_ids, params,
+                          SamplingState.from_params(params, user.prompt_token_ids, i, self.runner.device),
+                          arrival, first_sibling=first)
+            first = first or seq
+            user.samples.append(_Sample(seq, IncrementalDetokenizer(self.tokenizer, user.prompt_token_ids)))
+            self._seq_owner[seq.request_id] = user
+            self.scheduler.add(seq)
+        self._requests[request_id] = user
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks; False if it is unknown or already done."""
+        user = self._requests.get(request_id)
+        if user is None:
+            return False
+        for sample in user.samples:
+            if not sample.seq.is_finished:
+                self.scheduler.finish(sample.seq, "abort")
+        self._forget(user)
+        return True
+
+    def _forget(self, user: _UserRequest) -> None:
+        del self._requests[user.request_id]
+        for sample in user.samples:
+            del self._seq_owner[sample.seq.request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # ---- the step ----
+
+    def step(self) -> list[RequestOutput]:
+        """Advance every scheduled request by one chunk; returns a delta for each request that progressed."""
+        batch = self.scheduler.schedule()
+        if not batch.chunks:
+            return []
+        result = self.runner.execute(batch)
+        self.scheduler.update(batch)
+        return self._apply(batch.chunks, result)
+
+    def _apply(self, chunks, result: RunnerOutput) -> list[RequestOutput]:
+        touched: dict[str, _UserRequest] = {}
+        for chunk in chunks:
+            seq = chunk.request
+            user = self._seq_owner[seq.request_id]
+            seq.prompt_logprobs.extend(result.prompt_logprobs.get(seq.request_id, ()))
+            token = result.sampled.get(seq.request_id)
+            if token is not None:
+                self._append(user.samples[seq.sample_index], token, result.logprobs.get(seq.request_id))
+            touched[user.request_id] = user
+        outputs = [self._delta(user) for user in touched.values()]
+        for user in touched.values():
+            if user.finished:
+                self._forget(user)
+        return [o for o in outputs if o is not None]
+
+    def _append(self, sample: _Sample, token: int, logprobs: Logprobs | None) -> None:
+        seq, params = sample.seq, sample.seq.params
+        seq.output_token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        if token == self.tokenizer.eos_id and not params.ignore_eos:
+            return self.scheduler.finish(seq, "stop")
+        if token in params.stop_token_ids:
+            return self.scheduler.finish(seq, "stop", token)
+        before = len(sample.text)
+        sample.text += sample.detok.add(token)
+        stop = _find_stop(sample.text, before, params.stop)
+        if stop is not None:
+            sample.text = sample.text[:stop[0]]
+            return self.scheduler.finish(seq, "stop", stop[1])
+        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _delta(self, user: _UserRequest) -> RequestOutput | None:
+        holdback = max((len(s) for s in user.params.stop), default=1) - 1
+        completions = []
+        for i, sample in enumerate(user.samples):
+            seq = sample.seq
+            end = len(sample.text) if seq.is_finished else max(sample.sent_chars, len(sample.text) - holdback)
+            new_tokens = seq.output_token_ids[sample.sent_tokens:]
+            if end == sample.sent_chars and not new_tokens and sample.sent_finished == seq.is_finished:
+                continue
+            logprobs = None
+            if user.params.logprobs is not None:
+                logprobs = [self._position_logprobs(lp) for lp in seq.logprobs[sample.sent_tokens:]]
+            completions.append(CompletionOutput(
+                index=i, text=sample.text[sample.sent_chars:end], token_ids=new_tokens, logprobs=logprobs,
+                cumulative_logprob=sum(lp.logprob for lp in seq.logprobs) if seq.logprobs else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+            sample.sent_chars, sample.sent_tokens, sample.sent_finished = end, len(seq.output_token_ids), \
+                seq.is_finished
+        prompt_logprobs = self._prompt_logprobs(user)
+        if not completions and prompt_logprobs is None:
+            return None
+        first = user.samples[0].seq
+        return RequestOutput(user.request_id, user.prompt, user.prompt_token_ids, completions, prompt_logprobs,
+                             finished=user.finished, num_cached_tokens=first.num_cached_prefix_tokens)
+
+    def _prompt_logprobs(self, user: _UserRequest) -> list[PositionLogprobs | None] | None:
+        seq = user.samples[0].seq
+        if user.params.prompt_logprobs is None or user.sent_prompt_logprobs or seq.wants_prompt_logprobs:
+            return None
+        user.sent_prompt_logprobs = True
+        return [None] + [self._position_logprobs(lp) for lp in seq.prompt_logprobs]
+
+    def _position_logprobs(self, lp: Logprobs) -> PositionLogprobs:
+        out = {tid: Logprob(value, rank, self.tokenizer.decode([tid])) for rank, (tid, value) in
+               enumerate(lp.top, start=1)}
+        out[lp.token_id] = Logprob(lp.logprob, lp.rank, self.tokenizer.decode([lp.token_id]))
+        return out
+
+
+def _find_stop(text: str, new_from: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """Earliest stop string that ends in the new text: (index where it starts, the string)."""
+    best = None
+    for stop in stops:
+        i = text.find(stop, max(0, new_from - len(stop) + 1))
+        if i != -1 and (best is None or i < best[0]):
+            best = (i, stop)
+    return best
+
+
+def _size_cache(model: Transformer, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> CacheInfo:
+    mc = model.config
+    max_len = config.max_model_len or mc.max_position_embeddings
+    if max_len > mc.max_position_embeddings:
+        raise EngineConfigError(f"max_model_len {max_len} exceeds the model's context "
+                                f"({mc.max_position_embeddings} positions)")
+    budget = config.kv_cache_memory
+    if budget is None and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * DEFAULT_GPU_MEMORY_UTILIZATION)
+    budget = budget or DEFAULT_CPU_KV_CACHE_BYTES
+    per_block = mc.kv_bytes_per_token(torch.finfo(dtype).bits // 8) * config.block_size
+    return CacheInfo(max_len, max(budget // per_block, 0), config.block_size, (budget // per_block) * per_block)

@@ -1,0 +1,95 @@
+"""Attention over the paged KV cache: the engine's `AttentionBackend`.
+
+The cache of each layer is one flat tensor of slots [S, g, d] (S = num_blocks * block_size); position p of a
+sequence lives in slot `block_ids[p // block_size] * block_size + p % block_size`. Per step the runner builds
+one `AttentionMetadata` (slot indices and masks, shared by all layers); each layer then
+
+1. writes the step's new keys/values into their slots, and
+2. attends: all decode tokens (one query each) in one batched, padded SDPA call; each prefill chunk in its
+   own call over its visible context (cached prefix + the chunk), masked causally and by the sliding window.
+
+Splitting decodes from prefills keeps padding small: a 2,000-token chunk next to 30 decodes would otherwise pad
+every decode to 2,000 queries.
+
+Legend: T new tokens this step, B decode sequences, L longest decode context, Q/K one chunk's queries/keys,
+n query heads, g kv heads, d head_dim.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from mistral.attention import attend, window_mask
+
+
+@dataclass
+class PrefillSpan:
+    rows: slice  # rows of this chunk in the step's T tokens
+    slots: torch.Tensor  # [K] cache slots of its visible context, oldest first
+    mask: torch.Tensor  # [Q, K] bool
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] where each new token's key/value goes
+    decode_rows: torch.Tensor  # [B] rows of the decode tokens
+    decode_slots: torch.Tensor  # [B, L] context slots (padded with slot 0)
+    decode_mask: torch.Tensor  # [B, 1, 1, L] bool, False on padding
+    prefills: list[PrefillSpan]
+
+
+def build_metadata(spans: list[tuple[list[int | None], int, int]], block_size: int,
+                   sliding_window: int | None, device: torch.device) -> AttentionMetadata:
+    """spans: per chunk (block table, first position, number of tokens), in row order."""
+    slot_mapping, decodes, prefills, row = [], [], [], 0
+    for block_ids, start, n in spans:
+        table = torch.tensor([-1 if b is None else b for b in block_ids])
+        k_start = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+        k_pos = torch.arange(k_start, start + n)
+        k_slots = table[k_pos // block_size] * block_size + k_pos % block_size  # [K]
+        slot_mapping.append(k_slots[start - k_start:])
+        if n == 1:
+            decodes.append((row, k_slots))
+        else:
+            q_pos = torch.arange(start, start + n)
+            mask = window_mask(q_pos, k_pos, sliding_window)
+            prefills.append(PrefillSpan(slice(row, row + n), k_slots.to(device), mask.to(device)))
+        row += n
+    longest = max((len(s) for _, s in decodes), default=0)
+    decode_slots = torch.zeros(len(decodes), longest, dtype=torch.long)
+    decode_mask = torch.zeros(len(decodes), 1, 1, longest, dtype=torch.bool)
+    for i, (_, slots) in enumerate(decodes):
+        decode_slots[i, :len(slots)] = slots
+        decode_mask[i, ..., :len(slots)] = True
+    return AttentionMetadata(
+        slot_mapping=torch.cat(slot_mapping).to(device),
+        decode_rows=torch.tensor([r for r, _ in decodes], dtype=torch.long, device=device),
+        decode_slots=decode_slots.to(device),
+        decode_mask=decode_mask.to(device),
+        prefills=prefills,
+    )
+
+
+class PagedAttention:
+    """Backend for one step: writes into and reads from the layers' slot caches."""
+
+    def __init__(self, kv_cache: torch.Tensor, metadata: AttentionMetadata):
+        self.kv_cache = kv_cache  # [layers, 2, S, g, d]
+        self.meta = metadata
+
+    def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.kv_cache[layer_id]  # [S, g, d] each
+        k_cache.index_copy_(0, self.meta.slot_mapping, k)
+        v_cache.index_copy_(0, self.meta.slot_mapping, v)
+        out = torch.empty_like(q)  # [T, n, d]
+        m = self.meta
+        if len(m.decode_rows):
+            qd = q[m.decode_rows][:, :, None, :]  # [B, n, 1, d]
+            kd = k_cache[m.decode_slots].transpose(1, 2)  # [B, g, L, d]
+            vd = v_cache[m.decode_slots].transpose(1, 2)
+            od = torch.nn.functional.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=m.decode_mask, enable_gqa=q.shape[1] != k.shape[1])
+            out[m.decode_rows] = od[:, :, 0, :]
+        for p in m.prefills:
+            out[p.rows] = attend(q[p.rows], k_cache[p.slots], v_cache[p.slots], p.mask)
+        return out

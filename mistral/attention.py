@@ -1,0 +1,56 @@
+"""The attention seam: the model computes q/k/v and RoPE; an `AttentionBackend` turns them into outputs.
+
+The model does not know where keys and values live. `CausalAttention` (here) is the reference: whole sequences
+packed back to back, no cache. The engine plugs in a paged-KV backend with the same contract, and the tests hold
+the two equal.
+
+Legend: T tokens (all sequences of a batch, concatenated), n query heads, g kv heads, d head_dim.
+"""
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionBackend(Protocol):
+    def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, n, d], k/v [T, g, d] (RoPE applied) -> out [T, n, d]."""
+        ...
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Boolean [Q, K] mask: key j is visible to query i iff k_j <= q_i and q_i - k_j < sliding_window.
+
+    A window of W therefore covers the token itself and the W - 1 before it (the Hugging Face and
+    mistral-inference convention).
+    """
+    diff = q_pos[:, None] - k_pos[None, :]  # [Q, K]
+    mask = diff >= 0
+    if sliding_window is not None:
+        mask &= diff < sliding_window
+    return mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention of one sequence. q [Q, n, d], k/v [K, g, d], mask [Q, K] or None -> [Q, n, d]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # [n, Q, d], [g, K, d]
+        attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(0, 1)
+
+
+class CausalAttention:
+    """Reference backend: each sequence attends to itself from position 0, nothing is cached."""
+
+    def __init__(self, seq_lens: list[int], sliding_window: int | None):
+        self.seq_lens = seq_lens
+        self.sliding_window = sliding_window
+
+    def __call__(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for qs, ks, vs in zip(q.split(self.seq_lens), k.split(self.seq_lens), v.split(self.seq_lens)):
+            pos = torch.arange(qs.shape[0])
+            outs.append(attend(qs, ks, vs, window_mask(pos, pos, self.sliding_window)))
+        return torch.cat(outs)

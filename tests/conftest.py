@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny real checkpoints written by Hugging Face transformers, and the v1 tokenizer."""
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+V1_TOKENIZER = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+
+
+def write_hf_checkpoint(path: Path, *, moe: bool = True, seed: int = 0, **overrides) -> Path:
+    """A random-init Mixtral (or dense Mistral) checkpoint saved by transformers itself, plus a tokenizer."""
+    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    fields = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  rope_theta=10_000.0, sliding_window=None, tie_word_embeddings=False)
+    if moe:
+        fields.update(num_local_experts=4, num_experts_per_tok=2)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    config = (MixtralConfig if moe else MistralConfig)(**fields)
+    model = (MixtralForCausalLM if moe else MistralForCausalLM)(config).eval()
+    model.save_pretrained(path)
+    shutil.copy(V1_TOKENIZER, path / "tokenizer.model.v1")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory) -> Path:
+    """The default small Mixtral (4 experts, top-2, GQA 4, sliding window 24) shared by engine tests."""
+    return write_hf_checkpoint(tmp_path_factory.mktemp("mixtral"), sliding_window=24)
+
+
+@pytest.fixture(scope="session")
+def mixtral_full_dir(tmp_path_factory) -> Path:
+    """The same shapes without a sliding window."""
+    return write_hf_checkpoint(tmp_path_factory.mktemp("mixtral_full"), seed=1)
