@@ -157,6 +157,12 @@ class LLMEngine:
         return [o for o in outputs if o is not None]
 
     def _append(self, sample: _Sample, token: int, logprobs: Logprobs | None) -> None:
+        self._check_stop(sample, token, logprobs)
+        seq = sample.seq
+        if seq.is_finished and not isinstance(seq.stop_reason, str):  # a stop string already cut the text
+            sample.text += sample.detok.flush()
+
+    def _check_stop(self, sample: _Sample, token: int, logprobs: Logprobs | None) -> None:
         seq, params = sample.seq, sample.seq.params
         seq.output_token_ids.append(token)
         if logprobs is not None:
@@ -207,9 +213,11 @@ class LLMEngine:
         return [None] + [self._position_logprobs(lp) for lp in seq.prompt_logprobs]
 
     def _position_logprobs(self, lp: Logprobs) -> PositionLogprobs:
-        out = {tid: Logprob(value, rank, self.tokenizer.decode([tid])) for rank, (tid, value) in
-               enumerate(lp.top, start=1)}
-        out[lp.token_id] = Logprob(lp.logprob, lp.rank, self.tokenizer.decode([lp.token_id]))
+        def piece(token_id: int) -> str:
+            return self.tokenizer.decode([token_id], continues_text=True)
+
+        out = {tid: Logprob(value, rank, piece(tid)) for rank, (tid, value) in enumerate(lp.top, start=1)}
+        out[lp.token_id] = Logprob(lp.logprob, lp.rank, piece(lp.token_id))
         return out
 
 

@@ -28,6 +28,23 @@ def write_hf_checkpoint(path: Path, *, moe: bool = True, seed: int = 0, **overri
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def preset_cache(tmp_path_factory):
+    """Presets materialise into a per-session cache, never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("msem-cache")
+        mp.setenv("MSEM_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def tiny_llm():
+    """The embedded tiny preset (real v1 tokenizer, vocab 32000) for tests that start from text."""
+    from engine import LLM
+
+    return LLM("tiny", dtype="float32", progress=False)
+
+
 @pytest.fixture(scope="session")
 def mixtral_dir(tmp_path_factory) -> Path:
     """The default small Mixtral (4 experts, top-2, GQA 4, sliding window 24) shared by engine tests."""
