@@ -5,6 +5,7 @@ handler, so adding one is one function plus one line in `build_parser`. User mis
 directory, an unknown preset, a bad config or checkpoint) print `error: <message>` on stderr and exit with
 status 2, like argparse's own usage errors; they never show a traceback.
 
+    msem generate --model tiny --prompt "Hello" [--chat] [--max-tokens N --temperature T --top-p P --seed S]
     msem checkpoint create --preset tiny --out ./tiny-hf [--format hf|consolidated] [--max-shard-size MB]
     msem checkpoint inspect mixtral-8x7b      # a preset (config-only ones too) or a checkpoint directory
 """
@@ -14,13 +15,17 @@ import json
 import sys
 from pathlib import Path
 
+from cluster.generate import add_generate_command
+from engine.errors import EngineConfigError, InvalidRequestError
+from engine.tokenizer import TokenizerNotFoundError, UnknownTokenizerError
 from mistral.checkpoint import CheckpointReader
 from mistral.config import ModelConfig
 from mistral.errors import CheckpointError, ConfigError, ModelNotFoundError
 from mistral.presets import PRESETS, model_not_found, write_preset
 
 # Errors that mean "the user asked for something we cannot do", answered with a message, not a traceback.
-USER_ERRORS = (ModelNotFoundError, ConfigError, CheckpointError, FileExistsError)
+USER_ERRORS = (ModelNotFoundError, ConfigError, CheckpointError, FileExistsError, InvalidRequestError,
+               EngineConfigError, TokenizerNotFoundError, UnknownTokenizerError)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 USAGE_ERROR = 2
 
@@ -38,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msem", description="Serve Mistral-family dense and MoE models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_generate_command(commands)
     _add_checkpoint_commands(commands)
-    # ---- generate: the lead registers it here, e.g. `_add_generate_command(commands)` ----
     return parser
 
 

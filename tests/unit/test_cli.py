@@ -95,3 +95,25 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as err:
         main([])
     assert err.value.code == 2
+
+
+def test_generate_streams_to_stdout(capsys):
+    assert main(["generate", "--model", "tiny", "--prompt", "Hello", "--max-tokens", "6", "--dtype", "float32"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "[finish_reason: length]" in err
+
+
+def test_generate_interactive_reads_stdin(capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("One\n\nTwo\n"))
+    assert main(["generate", "--model", "tiny", "--interactive", "--chat", "--max-tokens", "3"]) == 0
+    _, err = capsys.readouterr()
+    assert err.count("[finish_reason:") == 2
+
+
+def test_generate_bad_input_is_a_clear_error(capsys):
+    assert main(["generate", "--model", "tiny", "--prompt", "x", "--temperature", "-1"]) == 2
+    assert "temperature must be >= 0" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny"]) == 2
+    assert "--prompt" in capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""Bad input is refused with a typed error whose message says what is allowed; the engine stays usable."""
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.errors import ChatTemplateError, EngineConfigError, InvalidRequestError, PromptTooLongError, \
+    SamplingParamsError
+from mistral.errors import ModelNotFoundError
+from mistral.presets import ModelDirNotFoundError, UnknownPresetError
+
+
+@pytest.mark.parametrize("kwargs, field, match", [
+    ({"max_tokens": -5}, "max_tokens", "at least 1"),
+    ({"max_tokens": 10**9}, "max_tokens", "at most"),
+    ({"temperature": -0.5}, "temperature", ">= 0"),
+    ({"top_p": 0.0}, "top_p", r"\(0, 1\]"),
+    ({"top_p": 1.5}, "top_p", r"\(0, 1\]"),
+    ({"n": 0}, "n", "between 1"),
+])
+def test_bad_sampling_params(kwargs, field, match):
+    with pytest.raises(SamplingParamsError, match=match) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == field
+
+
+def test_empty_prompt(tiny_llm):
+    with pytest.raises(InvalidRequestError, match="prompt is empty"):
+        tiny_llm.generate(prompt_token_ids=[[]])
+
+
+def test_prompt_over_max_model_len_names_both_lengths(mixtral_dir):
+    llm = LLM(str(mixtral_dir), tokenizer="v1", dtype="float32", max_model_len=64, progress=False)
+    with pytest.raises(PromptTooLongError, match=r"prompt has 80 tokens.*max_model_len\) is 64") as info:
+        llm.generate(prompt_token_ids=[[5] * 80])
+    assert info.value.param == "prompt"
+    ok = llm.generate(prompt_token_ids=[[5] * 10], sampling_params=SamplingParams(max_tokens=3))
+    assert len(ok[0].outputs[0].token_ids) >= 1  # still serving
+
+
+def test_generation_stops_at_the_context_length(mixtral_dir):
+    llm = LLM(str(mixtral_dir), tokenizer="v1", dtype="float32", max_model_len=40, progress=False)
+    out = llm.generate(prompt_token_ids=[[5] * 30], sampling_params=SamplingParams(max_tokens=100, ignore_eos=True))
+    assert out[0].outputs[0].finish_reason == "length" and len(out[0].outputs[0].token_ids) == 10
+
+
+def test_token_ids_outside_the_vocabulary(mixtral_dir):
+    llm = LLM(str(mixtral_dir), tokenizer="v1", dtype="float32", progress=False)
+    with pytest.raises(InvalidRequestError, match=r"outside the vocabulary \[0, 512\)"):
+        llm.generate(prompt_token_ids=[[1, 600]])
+
+
+def test_batch_is_refused_whole(tiny_llm):
+    """One bad prompt in a batch refuses the batch before any request starts."""
+    with pytest.raises(InvalidRequestError):
+        tiny_llm.generate(prompt_token_ids=[[1, 2, 3], []])
+    assert not tiny_llm.engine.has_unfinished_requests()
+
+
+def test_bad_chat_messages(tiny_llm):
+    with pytest.raises(ChatTemplateError):
+        tiny_llm.chat([{"role": "assistant", "content": "hi"}])
+
+
+def test_unknown_preset_and_missing_directory(tmp_path):
+    with pytest.raises(UnknownPresetError, match="not a preset.*tiny"):
+        LLM("tinyy")
+    with pytest.raises(ModelDirNotFoundError, match="does not exist"):
+        LLM(str(tmp_path / "missing" / "model"))
+    assert issubclass(UnknownPresetError, ModelNotFoundError)
+
+
+def test_kv_cache_too_small_for_one_sequence(mixtral_full_dir):
+    with pytest.raises(EngineConfigError, match="cannot hold one sequence of max_model_len 512"):
+        LLM(str(mixtral_full_dir), tokenizer="v1", dtype="float32", kv_cache_memory=512 * 100, progress=False)
+
+
+def test_max_model_len_beyond_the_model(mixtral_dir):
+    with pytest.raises(EngineConfigError, match="exceeds the model's context"):
+        LLM(str(mixtral_dir), tokenizer="v1", dtype="float32", max_model_len=10_000, progress=False)
