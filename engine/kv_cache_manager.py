@@ -45,7 +45,6 @@ class KVCacheManager:
             req.block_hashes.append(block_hash)
             parent = block_hash
         req.num_computed_tokens = len(req.block_ids) * bs
-        req.num_cached_prefix_tokens = max(req.num_cached_prefix_tokens, req.num_computed_tokens)
         return req.num_computed_tokens
 
     def release_out_of_window(self, req: Request) -> None:

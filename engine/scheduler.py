@@ -102,6 +102,8 @@ class Scheduler:
             if not self.kv.allocate_slots(req, n):
                 self.kv.free(req)  # give back prefix hits; try again when blocks free up
                 break
+            if req.num_preemptions == 0:  # a recompute's hits on its own prompt + output are no prompt hits
+                req.num_cached_prefix_tokens = req.num_computed_tokens
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)

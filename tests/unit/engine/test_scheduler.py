@@ -60,6 +60,7 @@ class FakeModel:
         self.scheduler = scheduler
         self.slots: dict[tuple[int, int], int] = {}  # (block id, offset) -> prefix id written there
         self.num_steps = 0
+        self.first_start: dict[str, int] = {}  # request id -> where its first chunk started
 
     @property
     def pool(self):
@@ -85,6 +86,7 @@ class FakeModel:
         sampled = [chunk.samples for chunk in out.chunks]
         for chunk in out.chunks:
             req, end = chunk.request, chunk.start + chunk.num_tokens
+            self.first_start.setdefault(req.request_id, chunk.start)
             ids = prefix_ids(req, end)
             first_read = 0 if window is None else max(0, chunk.start - window + 1)
             for q in range(first_read, chunk.start):  # what the chunk's queries see of earlier positions
@@ -207,7 +209,7 @@ def test_head_of_line_request_that_does_not_fit_blocks_later_ones():
         out = model.step()
         for chunk in out.chunks:
             first_step.setdefault(chunk.request.request_id, model.num_steps)
-        if a.is_finished is False:
+        if not a.is_finished:  # c, which would fit, is not let past b
             assert [ch.request for ch in out.chunks] == [a]
     assert first_step["b"] <= first_step["c"]
     assert model.pool.num_free == 6
@@ -324,6 +326,7 @@ def _simulate(seed: int, *, prefix_caching: bool, sliding_window: int | None) ->
     for req in everyone:
         if req not in aborted:
             assert req.finish_reason == "length" and len(req.output_token_ids) == req.params.max_tokens
+        assert req.num_cached_prefix_tokens == model.first_start.get(req.request_id, 0)
     return everyone
 
 
@@ -375,6 +378,20 @@ def test_a_finished_request_frees_its_tail_first_so_its_prefix_survives_longest(
     c = make_request(range(12), max_tokens=1, request_id="c")
     sched.add(c)
     assert chunk_list(model.step()) == [("c", 8, 4)]  # a's first two blocks were still cached
+
+
+def test_cached_prefix_tokens_counts_the_first_admission_only():
+    """A preempted request that re-hits its own prompt-and-output blocks must not report them as prompt cache hits."""
+    sched = make_scheduler(num_blocks=4)
+    model = FakeModel(sched)
+    a = make_request(range(8), max_tokens=9, request_id="a")  # grows to 4 blocks: the whole pool
+    c = make_request([50, 51], max_tokens=12, request_id="c")
+    sched.add(a)
+    sched.add(c)
+    model.run_until_done()  # c is preempted with a full block of prompt + output, which stays cached a while
+    assert c.num_preemptions >= 1
+    assert c.num_cached_prefix_tokens == 0  # nothing was cached when c was first admitted
+    assert len(c.output_token_ids) == 12
 
 
 def test_prompt_logprob_requests_skip_the_prefix_cache():
