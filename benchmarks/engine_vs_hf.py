@@ -151,8 +151,8 @@ def case_a(llm, hf, cfg: ModelConfig, repeats: int, bandwidth: dict) -> dict:
         figures["hf_decode"].append((new - 1) / (t0 + elapsed - clock.first_at))
         if ours != theirs and first_mismatch is None:
             identical = False
-            first_mismatch = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours),
-                                                                                                     len(theirs)))
+            first_mismatch = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                                  min(len(ours), len(theirs)))
         log(f"  (a) repeat {r + 1}/{repeats}: msem {figures['msem'][-1]:.1f} tok/s, "
             f"transformers {figures['hf'][-1]:.1f} tok/s")
     print(f"greedy tokens identical: {identical}" + ("" if identical else f" (first mismatch at {first_mismatch})"),
