@@ -57,10 +57,8 @@ class Request:
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens at positions [start, end) of prompt + output."""
         p = len(self.prompt_token_ids)
-        if end <= p:
-            return self.prompt_token_ids[start:end]
-        return self.prompt_token_ids[start:p] + self.output_token_ids[max(start - p, 0):end - p] \
-            if start < p else self.output_token_ids[start - p:end - p]
+        head = self.prompt_token_ids[start:min(end, p)] if start < p else []
+        return head + self.output_token_ids[max(start - p, 0):max(end - p, 0)]
 
     @property
     def wants_prompt_logprobs(self) -> bool:
