@@ -15,7 +15,10 @@ Why every repeat uses fresh prompts: msem caches prompt prefixes, so timing the 
 cache hit. Each side is warmed up once with a short run first; each figure is the best of `--repeats` runs
 (the median is reported too). Timings on a shared machine are noisy: compare ratios from the same run.
 
-The roofline counts weights only (the KV cache read per token is small at these lengths): per layer the
+Case (b) is compute-bound, not bandwidth-bound: its roofline is the FLOPs of all 32 x 256 token passes over
+the measured speed of one large fp32 matrix product.
+
+The (a) roofline counts weights only (the KV cache read per token is small at these lengths): per layer the
 attention projections, two norms, the gate and the top-k experts' w1/w2/w3; plus one embedding row, the final
 norm and the LM head.
 """
@@ -70,8 +73,21 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
     return {"read_gb_s": max(read), "copy_gb_s": max(copy), "tensor_gib": gib}
 
 
-def weight_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
-    """Bytes of weights one decoded token reads (see the module docstring)."""
+def measure_gflops(repeats: int = 10) -> float:
+    """fp32 GFLOP/s of one large matrix product of the bench shapes (2048 x 512 @ 512 x 1792), best of n."""
+    a, b = torch.randn(2048, 512), torch.randn(1792, 512)
+    a @ b.T
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b.T
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[0] / best / 1e9
+
+
+def active_params(cfg: ModelConfig, with_head: bool = True) -> int:
+    """Weights one token's forward pass touches: per layer the attention projections, two norms, the gate and
+    the top-k experts; plus one embedding row, the final norm and (if it is projected) the LM head."""
     h = cfg.hidden_size
     attention = h * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # wq, wk, wv, wo
     if cfg.is_moe:
@@ -79,7 +95,19 @@ def weight_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
     else:
         ffn = cfg.num_expert_params
     per_layer = attention + 2 * h + ffn  # + attention_norm, ffn_norm
-    return dtype_bytes * (h + cfg.num_layers * per_layer + h + cfg.vocab_size * h)  # + embedding row, norm, head
+    return h + cfg.num_layers * per_layer + h + (cfg.vocab_size * h if with_head else 0)
+
+
+def weight_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
+    """Bytes of weights one decoded token reads (see the module docstring)."""
+    return dtype_bytes * active_params(cfg)
+
+
+def compute_bound_tokens_per_s(cfg: ModelConfig, gflops: float, num: int, prompt: int, new: int) -> float:
+    """Generated tokens/s if every matrix product of case (b) ran at `gflops`: 2 FLOPs per weight per token,
+    prompt tokens without the LM head (only the last row of a prompt is projected), attention scores ignored."""
+    flops = 2 * num * (prompt * active_params(cfg, with_head=False) + new * active_params(cfg))
+    return num * new / (flops / (gflops * 1e9))
 
 
 # ---- the two sides ----
@@ -168,7 +196,7 @@ def case_a(llm, hf, cfg: ModelConfig, repeats: int, bandwidth: dict) -> dict:
     return out
 
 
-def case_b(llm, hf, cfg: ModelConfig, repeats: int) -> dict:
+def case_b(llm, hf, cfg: ModelConfig, repeats: int, gflops: float) -> dict:
     num, new, figures, matches = 32, 128, {"msem": [], "hf": []}, 0
     for r in range(repeats):
         prompts = random_prompts(num, 128, cfg.vocab_size, seed=200 + r)
@@ -185,6 +213,8 @@ def case_b(llm, hf, cfg: ModelConfig, repeats: int) -> dict:
     out = {k: best_and_median(v, lower_is_better=False) for k, v in figures.items()}
     out["ratio"] = out["msem"]["best"] / out["hf"]["best"]
     out["identical_sequences"] = matches
+    out["compute_bound"] = {"gflops": gflops,
+                            "tokens_per_s": compute_bound_tokens_per_s(cfg, gflops, num, 128, new)}
     return out
 
 
@@ -229,6 +259,10 @@ def markdown_table(res: dict) -> str:
         b = res["b"]
         rows.append(f"| (b) 32 requests, 128 in + 128 out each, total tok/s | {b['msem']['best']:.1f} | "
                     f"{b['hf']['best']:.1f} | {b['ratio']:.2f}x | {verdict('b')} |")
+        bound = b["compute_bound"]["tokens_per_s"]
+        rows.append(f"| (b) share of compute roofline ({bound:.0f} tok/s; {TARGETS['b']:g}x transformers needs "
+                    f"{100 * TARGETS['b'] * b['hf']['best'] / bound:.0f}%) | {100 * b['msem']['best'] / bound:.0f}% | "
+                    f"{100 * b['hf']['best'] / bound:.0f}% | | |")
     if "c" in res:
         c = res["c"]
         for budget, ratio in c["ratio"].items():
@@ -267,6 +301,8 @@ def main(argv=None) -> None:
     log("measuring memory bandwidth ...")
     res["bandwidth"] = bandwidth = measure_bandwidth()
     log(f"  read {bandwidth['read_gb_s']:.1f} GB/s, copy {bandwidth['copy_gb_s']:.1f} GB/s")
+    res["gflops"] = gflops = measure_gflops()
+    log(f"  fp32 matrix product {gflops:.0f} GFLOP/s")
     log("loading msem and transformers ...")
     llm = LLM(model=str(model_dir), dtype="float32", progress=False)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -285,7 +321,7 @@ def main(argv=None) -> None:
         res["a"] = case_a(llm, hf, cfg, repeats("a"), bandwidth)
     if "b" in args.cases:
         log("case (b): 32 concurrent requests, 128 + 128 tokens each")
-        res["b"] = case_b(llm, hf, cfg, repeats("b"))
+        res["b"] = case_b(llm, hf, cfg, repeats("b"), gflops)
     if "c" in args.cases:
         log("case (c): time to first token, 2,048-token prompt")
         llms = {llm.engine.config.max_num_batched_tokens: llm}
@@ -300,6 +336,7 @@ def main(argv=None) -> None:
           f"on {os.cpu_count()} CPUs: above ~1 other work shared the machine and timings are noisy")
     print(f"memory bandwidth: {bandwidth['read_gb_s']:.1f} GB/s read (torch.sum), "
           f"{bandwidth['copy_gb_s']:.1f} GB/s copy (read + write), {bandwidth['tensor_gib']:g} GiB fp32")
+    print(f"fp32 matrix product: {gflops:.0f} GFLOP/s (2048 x 512 @ 512 x 1792)")
     if "a" in res:
         roof = res["a"]["roofline"]
         print(f"roofline: {roof['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token -> "

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from mistral.attention import attend, window_mask
+from mistral.attention import attend, causal_mask
 
 
 @dataclass
 class PrefillSpan:
     rows: slice  # rows of this chunk in the step's T tokens
     slots: torch.Tensor  # [K] cache slots of its visible context, oldest first
-    mask: torch.Tensor  # [Q, K] bool
+    mask: torch.Tensor | None  # [Q, K] bool, or None for plain causal (see `attend`)
 
 
 @dataclass
@@ -52,8 +52,9 @@ def build_metadata(spans: list[tuple[list[int | None], int, int]], block_size: i
             decodes.append((row, k_slots))
         else:
             q_pos = torch.arange(start, start + n)
-            mask = window_mask(q_pos, k_pos, sliding_window)
-            prefills.append(PrefillSpan(slice(row, row + n), k_slots.to(device), mask.to(device)))
+            mask = causal_mask(q_pos, k_pos, sliding_window)
+            prefills.append(PrefillSpan(slice(row, row + n), k_slots.to(device),
+                                        None if mask is None else mask.to(device)))
         row += n
     longest = max((len(s) for _, s in decodes), default=0)
     decode_slots = torch.zeros(len(decodes), longest, dtype=torch.long)

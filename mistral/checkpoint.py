@@ -111,6 +111,9 @@ def unpermute_for_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.view(num_heads, 2, out_dim // num_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+_ALIGN = 64  # bytes; torch's CPU allocator aligns every fresh tensor to this
+
+
 class CheckpointReader:
     """Index of a checkpoint directory's tensors by canonical name; reads only what it is asked for.
 
@@ -209,7 +212,10 @@ class CheckpointReader:
                 tensor = permute_for_rope(tensor, self.config.num_heads)
             elif name.endswith("attention.wk.weight"):
                 tensor = permute_for_rope(tensor, self.config.num_kv_heads)
-        return tensor.to(dtype)
+        tensor = tensor.to(dtype)
+        # safetensors may hand out tensors at any byte offset; MKL's result for a product depends on its
+        # operands' alignment, so an unaligned weight would make the same checkpoint compute different bits.
+        return tensor if tensor.data_ptr() % _ALIGN == 0 else tensor.clone()
 
 
 def save_checkpoint(out_dir: str | Path, config: ModelConfig, tensors: dict[str, torch.Tensor],

@@ -14,6 +14,25 @@ from mistral.attention import AttentionBackend
 from mistral.config import ModelConfig
 from mistral.rope import apply_rotary
 
+# Up to this many rows, `linear` computes on CPU as weight @ x.T (see there); beyond it plain F.linear is as fast.
+FEW_ROWS = 64
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, in] @ weight[out, in].T -> [M, out], the product every layer uses.
+
+    On CPU, with few rows, MKL is 1.5-4x faster computing the same product as `weight @ x.T` (gemm with a
+    transposed right operand) than as `x @ weight.T`, and a single row is fastest padded to two: on the bench
+    shapes, 32000x512 at one row takes 1.7 ms instead of 6.5 ms, which is the whole of decode. The result is a
+    transposed view; callers reshape, never view. Large batches and CUDA take F.linear unchanged.
+    """
+    m = x.shape[0]
+    if x.device.type != "cpu" or m > FEW_ROWS:
+        return F.linear(x, weight)
+    if m == 1:
+        return torch.mm(weight, x.repeat(2, 1).T)[:, :1].T
+    return torch.mm(weight, x.T).T
+
 
 class RMSNorm(nn.Module):
     """Normalises in fp32 whatever the weights' dtype, as the reference implementations do."""
@@ -44,12 +63,12 @@ class Attention(nn.Module):
                 attention: AttentionBackend) -> torch.Tensor:
         # x [T, H]
         t = x.shape[0]
-        q = self.wq(x).view(t, self.num_heads, self.head_dim)  # [T, n, d]
-        k = self.wk(x).view(t, self.num_kv_heads, self.head_dim)  # [T, g, d]
-        v = self.wv(x).view(t, self.num_kv_heads, self.head_dim)
+        q = linear(x, self.wq.weight).reshape(t, self.num_heads, self.head_dim)  # [T, n, d]
+        k = linear(x, self.wk.weight).reshape(t, self.num_kv_heads, self.head_dim)  # [T, g, d]
+        v = linear(x, self.wv.weight).reshape(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attention(self.layer_id, q, k, v)  # [T, n, d]
-        return self.wo(out.reshape(t, self.num_heads * self.head_dim))
+        return linear(out.reshape(t, self.num_heads * self.head_dim), self.wo.weight)
 
 
 class FeedForward(nn.Module):
@@ -62,4 +81,4 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return linear(F.silu(linear(x, self.w1.weight)) * linear(x, self.w3.weight), self.w2.weight)

@@ -14,7 +14,7 @@ from torch import nn
 
 from mistral.attention import AttentionBackend, CausalAttention
 from mistral.config import ModelConfig
-from mistral.layers import Attention, FeedForward, RMSNorm
+from mistral.layers import Attention, FeedForward, RMSNorm, linear
 from mistral.moe import ExpertBackend, LocalExperts, MoE
 from mistral.rope import RotaryEmbedding
 
@@ -68,7 +68,7 @@ class Transformer(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden [S, H] -> fp32 logits [S, V]
-        return self.output(hidden).float()
+        return linear(hidden, self.output.weight).float()
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral.config import ModelConfig
+from mistral.layers import linear
 
 
 class ExpertBackend(Protocol):
@@ -49,7 +50,7 @@ def grouped_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, w1: torch.Tensor, 
     for e, n in enumerate(counts):
         if n:
             seg = xs[start:start + n]
-            out[start:start + n] = (F.silu(seg @ w1[e].T) * (seg @ w3[e].T)) @ w2[e].T
+            out[start:start + n] = linear(F.silu(linear(seg, w1[e])) * linear(seg, w3[e]), w2[e])
             start += n
     unsorted = torch.empty_like(out)
     unsorted[order] = out
@@ -87,5 +88,5 @@ class MoE(nn.Module):
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
 
     def forward(self, x: torch.Tensor, experts: ExpertBackend) -> torch.Tensor:
-        weights, expert_ids = route(self.gate(x), self.top_k)  # [T, k] each
+        weights, expert_ids = route(linear(x, self.gate.weight), self.top_k)  # [T, k] each
         return experts(self.layer_id, x, expert_ids, weights)
