@@ -8,6 +8,7 @@ import importlib
 
 _EXPORTS = {
     "LLM": "engine.llm",
+    "AsyncLLM": "engine.async_llm",
     "SamplingParams": "engine.sampling_params",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",

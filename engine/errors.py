@@ -28,3 +28,7 @@ class ChatTemplateError(InvalidRequestError):
 
 class EngineConfigError(ValueError):
     """Engine settings that cannot work together (e.g. a KV cache too small for one full-length sequence)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an internal error; every in-flight and later request fails with this."""
