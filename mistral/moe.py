@@ -4,10 +4,10 @@ Design note. The MoE layer owns only its gate. Where the experts run is the `Exp
 `LocalExperts` (here) holds every expert of every layer in this process; expert parallelism plugs in a backend
 that ships tokens to other processes. Both call `grouped_swiglu`, so every layout does the same arithmetic.
 
-Grouped compute sorts the T*k (token, expert) assignments by expert, runs one matmul chain per expert over its
-contiguous slice, and scatters the results back to [T, k, H] before the weighted sum. There is no Python loop
-over tokens; the sum over the k slots always runs in slot order, so the combine is bitwise stable whatever the
-order in which experts ran.
+Grouped compute sorts the T*k (token, slot) assignments by expert, runs one matmul chain per expert over its
+contiguous slice, weights each row and scatters the rows back to (token, slot) order. There is no Python loop
+over tokens. The final sum over the k slots always runs in slot order (`combine`), so the result is bitwise
+the same whichever process computed which slot.
 
 Legend: T tokens, H hidden, I intermediate, E experts (of a layer, or of a group), k experts per token.
 """
@@ -36,15 +36,24 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return weights, expert_ids
 
 
-def grouped_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                   w3: torch.Tensor) -> torch.Tensor:
-    """Per-assignment expert outputs. x [T, H], expert_ids [T, k] indexing w1/w3 [E, I, H], w2 [E, H, I]
-    -> [T, k, H], unweighted: row (t, j) is expert expert_ids[t, j] applied to x[t]."""
-    t, k = expert_ids.shape
+def grouped_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                   w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """Weighted outputs of the slots this process computes.
+
+    x [T, H]; expert_ids [T, k] index w1/w3 [E, I, H] and w2 [E, H, I], with -1 for a slot computed elsewhere;
+    weights [T, k] -> [A, H], one row per slot with an id >= 0, in row-major (token, slot) order: row a is
+    weights[t, j] * expert_ids[t, j](x[t]).
+
+    Each expert sees its tokens in token order (stable sort), whichever process runs it and whatever other
+    slots are masked out, so a remote expert computes exactly the bits the local one would.
+    """
+    k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1)  # [T*k]
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
-    xs = x[order // k]  # [T*k, H], grouped by expert
+    slots = (flat >= 0).nonzero().squeeze(1)  # [A] flat (token, slot) indices, row-major
+    ids = flat[slots]
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=w1.shape[0]).tolist()
+    xs = x[slots[order] // k]  # [A, H], grouped by expert
     out = torch.empty_like(xs)
     start = 0
     for e, n in enumerate(counts):
@@ -54,12 +63,13 @@ def grouped_swiglu(x: torch.Tensor, expert_ids: torch.Tensor, w1: torch.Tensor, 
             start += n
     unsorted = torch.empty_like(out)
     unsorted[order] = out
-    return unsorted.view(t, k, -1)
+    return unsorted * weights.reshape(-1)[slots].to(out.dtype)[:, None]
 
 
-def combine(expert_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """expert_out [T, k, H], weights [T, k] -> [T, H], summed in slot order."""
-    return (expert_out * weights.to(expert_out.dtype)[:, :, None]).sum(dim=1)
+def combine(slot_outputs: torch.Tensor) -> torch.Tensor:
+    """Weighted slot outputs [T, k, H] -> [T, H], summed in slot order, so the bits do not depend on where
+    (or in which order) the experts ran."""
+    return slot_outputs.sum(dim=1)
 
 
 class LocalExperts(nn.Module):
@@ -74,8 +84,9 @@ class LocalExperts(nn.Module):
 
     def __call__(self, layer_id: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
-        out = grouped_swiglu(hidden, expert_ids, self.w1[layer_id], self.w2[layer_id], self.w3[layer_id])
-        return combine(out, weights)
+        t, k = expert_ids.shape
+        out = grouped_swiglu(hidden, expert_ids, weights, self.w1[layer_id], self.w2[layer_id], self.w3[layer_id])
+        return combine(out.view(t, k, -1))
 
 
 class MoE(nn.Module):
