@@ -18,6 +18,7 @@ from pathlib import Path
 from cluster.generate import add_generate_command
 from engine.errors import EngineConfigError, InvalidRequestError
 from engine.tokenizer import TokenizerNotFoundError, UnknownTokenizerError
+from experts.placement import PlacementError
 from mistral.checkpoint import CheckpointReader
 from mistral.config import ModelConfig
 from mistral.errors import CheckpointError, ConfigError, ModelNotFoundError
@@ -25,7 +26,7 @@ from mistral.presets import PRESETS, model_not_found, write_preset
 
 # Errors that mean "the user asked for something we cannot do", answered with a message, not a traceback.
 USER_ERRORS = (ModelNotFoundError, ConfigError, CheckpointError, FileExistsError, InvalidRequestError,
-               EngineConfigError, TokenizerNotFoundError, UnknownTokenizerError)
+               EngineConfigError, TokenizerNotFoundError, UnknownTokenizerError, PlacementError)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 USAGE_ERROR = 2
 

@@ -3,12 +3,15 @@
     msem generate --model tiny --prompt "Hello"
     msem generate --model DIR --chat --prompt "Write a haiku" --max-tokens 64 --temperature 0.7 --seed 1
     msem generate --model tiny --interactive          # one prompt per line on stdin until EOF
+    msem generate --model tiny --prompt "Hello" --expert-groups 2 --transport grpc
 """
 
 import argparse
 import sys
 
 from engine.errors import InvalidRequestError
+from experts.parallel_config import TRANSPORTS, ExpertParallelConfig
+from experts.placement import PlacementError
 
 
 def add_generate_command(commands) -> None:
@@ -24,7 +27,29 @@ def add_generate_command(commands) -> None:
     gen.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     gen.add_argument("--tokenizer", help="bundled tokenizer name (v1, v2, v3, v7, tekken) instead of the model's")
     gen.add_argument("--max-model-len", type=int, help="context length to serve (default: the model's)")
+    ep = gen.add_argument_group("expert parallelism (Ray; joins RAY_ADDRESS or starts a local cluster)")
+    ep.add_argument("--expert-groups", type=int, default=0,
+                    help="run the experts in N expert-group processes (default: 0, in this process)")
+    ep.add_argument("--transport", choices=TRANSPORTS, default="ray",
+                    help="how tokens reach the expert groups each layer (default: ray)")
+    ep.add_argument("--placement", default="linear", help="linear, round_robin, or comma-separated group ids "
+                    "one per expert (default: linear)")
+    ep.add_argument("--replicas", type=int, default=1, help="replicas per expert group (default: 1)")
     gen.set_defaults(run=run_generate)
+
+
+def expert_parallel_config(args: argparse.Namespace) -> ExpertParallelConfig | None:
+    if not args.expert_groups:
+        return None
+    placement = args.placement
+    if "," in placement or placement.isdigit():
+        try:
+            placement = tuple(int(g) for g in placement.split(","))
+        except ValueError:
+            raise PlacementError(f"--placement {args.placement!r}: expected linear, round_robin or "
+                                 "comma-separated group ids") from None
+    return ExpertParallelConfig(num_groups=args.expert_groups, transport=args.transport, placement=placement,
+                                replicas=args.replicas)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -34,7 +59,13 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InvalidRequestError("give --prompt TEXT, or --interactive to read prompts from stdin")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
-    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len)
+    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
+              expert_parallel=expert_parallel_config(args))
+    with llm:
+        return _generate(llm, args, params)
+
+
+def _generate(llm, args: argparse.Namespace, params) -> int:
     if not args.interactive:
         _stream(llm, args.prompt, params, args.chat)
         return 0

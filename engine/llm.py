@@ -17,6 +17,7 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from experts.parallel_config import ExpertParallelConfig
 from mistral.checkpoint import DTYPES, CheckpointReader
 from mistral.moe import ExpertBackend
 from mistral.presets import resolve_model
@@ -40,9 +41,22 @@ class LLM:
                  device: str | None = None, max_model_len: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, experts: ExpertBackend | None = None,
-                 progress: bool = True):
+                 expert_parallel: ExpertParallelConfig | int | None = None, progress: bool = True):
         self.model_path = resolve_model(model)
         dev, torch_dtype = resolve_device_dtype(device, dtype)
+        self.expert_runtime = None
+        if expert_parallel is not None:
+            if experts is not None:
+                raise ValueError("pass either experts or expert_parallel, not both")
+            if isinstance(expert_parallel, int):
+                expert_parallel = ExpertParallelConfig(num_groups=expert_parallel)
+            # The one upward reference: the composition of Ray actors lives in actors/, imported on demand so
+            # the single-process engine never loads Ray.
+            from actors.expert_parallel import start_expert_parallel
+
+            self.expert_runtime = start_expert_parallel(str(self.model_path), expert_parallel, torch_dtype,
+                                                        max_num_batched_tokens)
+            experts = self.expert_runtime.backend
         net = load_model(CheckpointReader(self.model_path), torch_dtype, dev, experts=experts, progress=progress)
         self.tokenizer = Tokenizer.load(self.model_path, tokenizer)
         config = EngineConfig(max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
@@ -50,6 +64,18 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching)
         self.engine = LLMEngine(net, self.tokenizer, config)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the expert-parallel runtime (router and expert group actors), if any."""
+        if self.expert_runtime is not None:
+            self.expert_runtime.shutdown()
+            self.expert_runtime = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
