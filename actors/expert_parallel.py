@@ -114,14 +114,15 @@ def _start_ray(model_dir: str, placement: Placement, dtype: torch.dtype, config:
     def members() -> list[ReplicaInfo]:
         return [r for reps in backend.table.replicas.values() for r in reps]
 
-    transport = _make_transport(config, router, session, members)
+    transport = _make_transport(config, router, session, members, model_dir, dtype, max_batch_tokens)
     backend = RemoteExperts(transport, client, failover_timeout=config.failover_timeout)
     logger.info("expert parallelism: %d groups, %s transport, table v%d", placement.num_groups,
                 config.transport, backend.table.version)
     return ExpertParallelRuntime(backend, placement, router, replicas, started)
 
 
-def _make_transport(config: ExpertParallelConfig, router, session: str, members):
+def _make_transport(config: ExpertParallelConfig, router, session: str, members, model_dir: str,
+                    dtype: torch.dtype, max_batch_tokens: int):
     import ray
 
     if config.transport == "ray":
@@ -129,9 +130,11 @@ def _make_transport(config: ExpertParallelConfig, router, session: str, members)
 
         return RayTransport(namespace=NAMESPACE, timeout=config.call_timeout)
     if config.transport == "grpc":
-        from router_service.grpc_transport import GrpcTransport
+        from router_service.grpc_transport import GrpcTransport, message_limit_bytes
 
-        return GrpcTransport(timeout=config.call_timeout)
+        model = CheckpointReader(model_dir).config
+        limit = message_limit_bytes(max_batch_tokens, model.hidden_size, model.num_experts_per_tok, dtype)
+        return GrpcTransport(timeout_s=config.call_timeout, max_message_bytes=limit)
     from router_service.torch_transport import TorchTransport
 
     store_host, store_port = ray.get(router.store_address.remote())
