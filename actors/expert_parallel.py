@@ -33,6 +33,7 @@ class ExpertParallelRuntime:
     router: object = None  # the router actor handle (None for the local transport)
     replicas: dict[str, object] = field(default_factory=dict)  # replica id -> actor handle
     started_ray: bool = False
+    router_name: str | None = None  # what another shard joins through (see AttentionShardActor)
 
     def shutdown(self) -> None:
         self.backend.close()
@@ -104,6 +105,18 @@ def _start_ray(model_dir: str, placement: Placement, dtype: torch.dtype, config:
                 max_restarts=config.max_restarts, max_task_retries=0, max_concurrency=4,
             ).remote(model_dir, placement, g, replica_id, dtype_name, f"msem-{uid}-router", NAMESPACE,
                      (config.transport,), host, max_batch_tokens, (session,))
+    backend = connect_shard(router, config, session, model_dir, dtype, max_batch_tokens)
+    logger.info("expert parallelism: %d groups, %s transport, table v%d", placement.num_groups,
+                config.transport, backend.table.version)
+    return ExpertParallelRuntime(backend, placement, router, replicas, started, f"msem-{uid}-router")
+
+
+def connect_shard(router, config: ExpertParallelConfig, session: str, model_dir: str, dtype: torch.dtype,
+                  max_batch_tokens: int) -> RemoteExperts:
+    """The expert backend of one attention shard, talking to the router actor and the group replicas
+    (for the torch transport, `session` names the shard's process group among the replicas)."""
+    import ray
+
     client = RouterClient(
         get_table=lambda version: ray.get(router.get_table.remote(version)),
         report_failure=lambda replica_id: ray.get(router.report_failure.remote(replica_id)),
@@ -116,9 +129,7 @@ def _start_ray(model_dir: str, placement: Placement, dtype: torch.dtype, config:
 
     transport = _make_transport(config, router, session, members, model_dir, dtype, max_batch_tokens)
     backend = RemoteExperts(transport, client, failover_timeout=config.failover_timeout)
-    logger.info("expert parallelism: %d groups, %s transport, table v%d", placement.num_groups,
-                config.transport, backend.table.version)
-    return ExpertParallelRuntime(backend, placement, router, replicas, started)
+    return backend
 
 
 def _make_transport(config: ExpertParallelConfig, router, session: str, members, model_dir: str,

@@ -1,0 +1,115 @@
+"""Expert parallelism on a local Ray cluster: every transport and layout equals the single-process engine,
+and a replica killed with SIGKILL mid-batch costs no request and changes no token."""
+
+import os
+import signal
+import threading
+
+import pytest
+
+from engine import LLM, SamplingParams
+from experts.parallel_config import ExpertParallelConfig
+from mistral.checkpoint import expert_tensor_names
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+PROMPTS = [[5 + i, 17, 300 - i, 2, 41, 9, 11 + i][: 3 + i % 5] for i in range(16)]
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1)
+
+
+def engine(model_dir, **kwargs) -> LLM:
+    return LLM(str(model_dir), tokenizer="v1", dtype="float32", progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(mixtral_dir):
+    return engine(mixtral_dir).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+
+
+def assert_same_outputs(outs, reference, tol=1e-5):
+    assert len(outs) == len(reference)
+    for out, ref in zip(outs, reference):
+        got, want = out.outputs[0], ref.outputs[0]
+        assert got.finish_reason == "length"
+        assert got.token_ids == want.token_ids
+        for lp_got, lp_want, token in zip(got.logprobs, want.logprobs, want.token_ids):
+            assert abs(lp_got[token].logprob - lp_want[token].logprob) <= tol
+
+
+def info(llm: LLM, replica_id: str) -> dict:
+    import ray
+
+    return ray.get(llm.expert_runtime.replicas[replica_id].info.remote())
+
+
+def kill_mid_batch(llm: LLM, replica_id: str, after_layers: int) -> threading.Thread:
+    """SIGKILL a replica's process once the shard has dispatched `after_layers` layers."""
+    pid = info(llm, replica_id)["pid"]
+    backend = llm.expert_runtime.backend
+
+    def watch():
+        while len(backend.layer_seconds) < after_layers:
+            threading.Event().wait(0.001)
+        os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+LAYOUTS = [
+    ("ray", 1, "linear", 1),
+    ("ray", 2, "round_robin", 1),
+    ("ray", 4, "linear", 1),
+    ("ray", 2, "linear", (2, 1)),
+    ("grpc", 2, "round_robin", (1, 2)),
+]
+
+
+@pytest.mark.parametrize("transport,num_groups,strategy,replicas", LAYOUTS)
+def test_layouts_equal_the_single_process_engine(ray_cluster, mixtral_dir, reference, transport, num_groups,
+                                                 strategy, replicas):
+    config = ExpertParallelConfig(num_groups, transport, strategy, replicas)
+    with engine(mixtral_dir, expert_parallel=config) as llm:
+        assert_same_outputs(llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY), reference)
+        placement = llm.expert_runtime.placement
+        for g in range(num_groups):  # each group read exactly its own tensors
+            wanted = [n for layer, e in placement.layer_experts_of(g) for n in expert_tensor_names(layer, e)]
+            assert sorted(info(llm, f"g{g}-r0")["tensors_read"]) == sorted(wanted)
+
+
+@pytest.mark.parametrize("transport", ["ray", "grpc"])
+def test_killing_a_replica_mid_batch_loses_nothing(ray_cluster, mixtral_dir, reference, transport):
+    config = ExpertParallelConfig(2, transport, "linear", (2, 1), failover_timeout=60)
+    with engine(mixtral_dir, expert_parallel=config) as llm:
+        killer = kill_mid_batch(llm, "g0-r0", after_layers=6)
+        outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+        killer.join(timeout=5)
+        assert not killer.is_alive()
+        assert_same_outputs(outs, reference)
+        failover = llm.expert_runtime.backend.failover
+        assert failover.failed_sends >= 1 and failover.stall_seconds
+
+
+def test_a_lone_replica_is_restarted_and_waited_for(ray_cluster, mixtral_dir, reference):
+    config = ExpertParallelConfig(2, "ray", "linear", 1, failover_timeout=120)
+    with engine(mixtral_dir, expert_parallel=config) as llm:
+        first_pid = info(llm, "g1-r0")["pid"]
+        kill_mid_batch(llm, "g1-r0", after_layers=6)
+        outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+        assert_same_outputs(outs, reference)
+        assert info(llm, "g1-r0")["pid"] != first_pid  # Ray restarted it and it served again
+        assert llm.expert_runtime.backend.failover.stall_seconds
+
+
+def test_an_attention_shard_actor_serves_through_the_same_expert_groups(ray_cluster, mixtral_dir, reference):
+    from actors.attention_shard_actor import AttentionShardActor
+
+    config = ExpertParallelConfig(2, "ray", "round_robin", 1)
+    with engine(mixtral_dir, expert_parallel=config) as llm:
+        shard = ray_cluster.remote(AttentionShardActor).options(num_cpus=0).remote(
+            str(mixtral_dir), llm.expert_runtime.router_name, config, "second-shard", dtype="float32",
+            tokenizer="v1")
+        outs = ray_cluster.get(shard.generate.remote(PROMPTS, GREEDY))
+        assert_same_outputs(outs, reference)
+        ray_cluster.kill(shard)
