@@ -55,3 +55,13 @@ def mixtral_dir(tmp_path_factory) -> Path:
 def mixtral_full_dir(tmp_path_factory) -> Path:
     """The same shapes without a sliding window."""
     return write_hf_checkpoint(tmp_path_factory.mktemp("mixtral_full"), seed=1)
+
+
+def same_greedy_outputs(outs, reference, tol: float) -> None:
+    """Assert each output has the reference's tokens and, per token, a logprob within `tol` of it."""
+    assert len(outs) == len(reference)
+    for out, ref in zip(outs, reference):
+        got, want = out.outputs[0], ref.outputs[0]
+        assert (got.finish_reason, got.token_ids) == (want.finish_reason, want.token_ids)
+        for lp_got, lp_want, token in zip(got.logprobs, want.logprobs, want.token_ids):
+            assert abs(lp_got[token].logprob - lp_want[token].logprob) <= tol

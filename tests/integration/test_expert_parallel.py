@@ -10,6 +10,7 @@ import pytest
 from engine import LLM, SamplingParams
 from experts.parallel_config import ExpertParallelConfig
 from mistral.checkpoint import expert_tensor_names
+from tests.conftest import same_greedy_outputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -24,16 +25,6 @@ def engine(model_dir, **kwargs) -> LLM:
 @pytest.fixture(scope="module")
 def reference(mixtral_dir):
     return engine(mixtral_dir).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
-
-
-def assert_same_outputs(outs, reference, tol=1e-5):
-    assert len(outs) == len(reference)
-    for out, ref in zip(outs, reference):
-        got, want = out.outputs[0], ref.outputs[0]
-        assert got.finish_reason == "length"
-        assert got.token_ids == want.token_ids
-        for lp_got, lp_want, token in zip(got.logprobs, want.logprobs, want.token_ids):
-            assert abs(lp_got[token].logprob - lp_want[token].logprob) <= tol
 
 
 def info(llm: LLM, replica_id: str) -> dict:
@@ -72,7 +63,7 @@ def test_layouts_equal_the_single_process_engine(ray_cluster, mixtral_dir, refer
                                                  strategy, replicas):
     config = ExpertParallelConfig(num_groups, transport, strategy, replicas)
     with engine(mixtral_dir, expert_parallel=config) as llm:
-        assert_same_outputs(llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY), reference)
+        same_greedy_outputs(llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY), reference, tol=1e-5)
         placement = llm.expert_runtime.placement
         for g in range(num_groups):  # each group read exactly its own tensors
             wanted = [n for layer, e in placement.layer_experts_of(g) for n in expert_tensor_names(layer, e)]
@@ -87,7 +78,7 @@ def test_killing_a_replica_mid_batch_loses_nothing(ray_cluster, mixtral_dir, ref
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
         killer.join(timeout=5)
         assert not killer.is_alive()
-        assert_same_outputs(outs, reference)
+        same_greedy_outputs(outs, reference, tol=1e-5)
         backend = llm.expert_runtime.backend
         if transport == "torch":  # the broken collective is redone inside the transport, in a new epoch
             assert backend.transport.epoch >= 2 and backend.transport.last_stall_s is not None
@@ -101,7 +92,7 @@ def test_a_lone_replica_is_restarted_and_waited_for(ray_cluster, mixtral_dir, re
         first_pid = info(llm, "g1-r0")["pid"]
         kill_mid_batch(llm, "g1-r0", after_layers=6)
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
-        assert_same_outputs(outs, reference)
+        same_greedy_outputs(outs, reference, tol=1e-5)
         assert info(llm, "g1-r0")["pid"] != first_pid  # Ray restarted it and it served again
         assert llm.expert_runtime.backend.failover.stall_seconds
 
@@ -115,5 +106,5 @@ def test_an_attention_shard_actor_serves_through_the_same_expert_groups(ray_clus
             str(mixtral_dir), llm.expert_runtime.router_name, config, "second-shard", dtype="float32",
             tokenizer="v1")
         outs = ray_cluster.get(shard.generate.remote(PROMPTS, GREEDY))
-        assert_same_outputs(outs, reference)
+        same_greedy_outputs(outs, reference, tol=1e-5)
         ray_cluster.kill(shard)

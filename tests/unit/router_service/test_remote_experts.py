@@ -14,6 +14,7 @@ from router_service.remote_experts import ExpertGroupUnavailable, RemoteExperts,
 from router_service.routing_table import RoutingTable
 from router_service.service import RouterService
 from router_service.transport import LocalTransport, ReplicaFailure, ReplicaInfo
+from tests.conftest import same_greedy_outputs
 
 PROMPTS = [[5, 17, 300, 2, 41, 9, 11], [7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1)
@@ -28,14 +29,6 @@ def reference(mixtral_dir):
     return engine(mixtral_dir).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
 
 
-def assert_same_outputs(outs, reference, tol=1e-5):
-    for out, ref in zip(outs, reference):
-        got, want = out.outputs[0], ref.outputs[0]
-        assert got.token_ids == want.token_ids
-        for lp_got, lp_want, token in zip(got.logprobs, want.logprobs, want.token_ids):
-            assert abs(lp_got[token].logprob - lp_want[token].logprob) <= tol
-
-
 @pytest.mark.parametrize("num_groups,strategy,replicas", [
     (1, "linear", 1), (2, "linear", 1), (2, "round_robin", 1), (4, "linear", 1), (2, "round_robin", (1, 2)),
 ])
@@ -43,7 +36,7 @@ def test_local_transport_layouts_equal_the_single_process_engine(mixtral_dir, re
                                                                   replicas):
     config = ExpertParallelConfig(num_groups, "local", strategy, replicas)
     with engine(mixtral_dir, expert_parallel=config) as llm:
-        assert_same_outputs(llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY), reference, tol=0.0)
+        same_greedy_outputs(llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY), reference, tol=0.0)
         backend = llm.expert_runtime.backend
         if replicas != 1:  # both replicas of group 1 got work
             assert backend.sent["g1-r0"] > 0 and backend.sent["g1-r1"] > 0
@@ -95,7 +88,7 @@ def test_a_dead_replica_is_replaced_by_its_sibling_without_changing_a_token(mixt
     version = service.table.version
     kill_after(transport, "g0-r0", calls=20)
     outs = engine(mixtral_dir, experts=backend).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
-    assert_same_outputs(outs, reference, tol=0.0)
+    same_greedy_outputs(outs, reference, tol=0.0)
     assert backend.failover.failed_sends >= 1 and backend.failover.stall_seconds
     assert service.table.get("g0-r0") is None and service.table.version > version  # dropped as dead
 
@@ -114,7 +107,7 @@ def test_a_lone_replica_that_restarts_is_waited_for(mixtral_dir, reference):
     kill_after(transport, "g1-r0", calls=12, then=restart_later)
     outs = engine(mixtral_dir, experts=backend).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
     assert restarted.is_set()
-    assert_same_outputs(outs, reference, tol=0.0)
+    same_greedy_outputs(outs, reference, tol=0.0)
     assert max(backend.failover.stall_seconds) >= 0.2
 
 
