@@ -38,4 +38,4 @@ class AttentionShardActor:
 
     def failover_stats(self) -> dict:
         f = self.experts.failover
-        return {"failed_sends": f.failed_sends, "resent_batches": f.resent_batches, "stalls": f.stall_seconds}
+        return {"failed_sends": f.failed_sends, "resent_batches": f.resent_batches, "stalls": list(f.stall_seconds)}

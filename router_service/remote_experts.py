@@ -19,6 +19,7 @@ router aggregates them for autoscaling and the experts dashboard.
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,7 +50,7 @@ class RouterClient:
 class FailoverStats:
     resent_batches: int = 0
     failed_sends: int = 0
-    stall_seconds: list[float] = field(default_factory=list)  # per layer that needed a re-send
+    stall_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))  # per layer re-sent
 
 
 class RemoteExperts:
@@ -67,7 +68,7 @@ class RemoteExperts:
         self._load = torch.zeros(placement.num_layers, placement.num_experts, dtype=torch.long)
         self._last_refresh = self._last_report = time.monotonic()
         self.failover = FailoverStats()
-        self.layer_seconds: list[float] = []  # dispatch + combine wall time per layer, for benchmarks
+        self.layer_seconds: deque[float] = deque(maxlen=65536)  # MoE call wall time of recent layers
 
     # ---- ExpertBackend ----
 

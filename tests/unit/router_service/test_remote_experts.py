@@ -43,15 +43,25 @@ def test_local_transport_layouts_equal_the_single_process_engine(mixtral_dir, re
 
 
 class FlakyTransport(LocalTransport):
-    """In-process groups where replicas listed in `dead` fail every send, like a killed process."""
+    """In-process groups where replicas listed in `dead` fail every send, like a killed process.
+    `kill_at(call, replica_id)` kills one deterministically when the transport carries its `call`-th layer."""
 
     def __init__(self, groups):
         super().__init__(groups)
         self.dead: set[str] = set()
         self.calls = 0
+        self._kills: dict[int, tuple[str, object]] = {}
+
+    def kill_at(self, call: int, replica_id: str, then=None) -> None:
+        self._kills[call] = (replica_id, then)
 
     def forward(self, sends):
         self.calls += 1
+        if self.calls in self._kills:
+            replica_id, then = self._kills.pop(self.calls)
+            self.dead.add(replica_id)
+            if then is not None:
+                then()
         return [ReplicaFailure(r.replica_id, "killed") if r.replica_id in self.dead else out
                 for (r, _), out in zip(sends, super().forward(sends))]
 
@@ -70,23 +80,10 @@ def local_cluster(mixtral_dir, replicas, failover_timeout=10.0):
     return service, transport, backend
 
 
-def kill_after(transport: FlakyTransport, replica_id: str, calls: int, then=None) -> threading.Thread:
-    """Mark a replica dead once the transport has carried `calls` layers, mid-generation."""
-    def watch():
-        while transport.calls < calls:
-            threading.Event().wait(0.001)
-        transport.dead.add(replica_id)
-        if then is not None:
-            then()
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_a_dead_replica_is_replaced_by_its_sibling_without_changing_a_token(mixtral_dir, reference):
     service, transport, backend = local_cluster(mixtral_dir, (2, 1))
     version = service.table.version
-    kill_after(transport, "g0-r0", calls=20)
+    transport.kill_at(6, "g0-r0")
     outs = engine(mixtral_dir, experts=backend).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
     same_greedy_outputs(outs, reference, tol=0.0)
     assert backend.failover.failed_sends >= 1 and backend.failover.stall_seconds
@@ -104,7 +101,7 @@ def test_a_lone_replica_that_restarts_is_waited_for(mixtral_dir, reference):
             restarted.set()
         threading.Timer(0.3, come_back).start()  # the fault: the replica is away for a while
 
-    kill_after(transport, "g1-r0", calls=12, then=restart_later)
+    transport.kill_at(6, "g1-r0", then=restart_later)
     outs = engine(mixtral_dir, experts=backend).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
     assert restarted.is_set()
     same_greedy_outputs(outs, reference, tol=0.0)
