@@ -65,3 +65,10 @@ def same_greedy_outputs(outs, reference, tol: float) -> None:
         assert (got.finish_reason, got.token_ids) == (want.finish_reason, want.token_ids)
         for lp_got, lp_want, token in zip(got.logprobs, want.logprobs, want.token_ids):
             assert abs(lp_got[token].logprob - lp_want[token].logprob) <= tol
+
+
+def small_llm(model_dir, **kwargs):
+    """An fp32 engine over a test checkpoint with the v1 tokenizer, no progress bar."""
+    from engine import LLM
+
+    return LLM(str(model_dir), tokenizer="v1", dtype="float32", progress=False, **kwargs)

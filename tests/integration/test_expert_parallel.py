@@ -10,7 +10,7 @@ import pytest
 from engine import LLM, SamplingParams
 from experts.parallel_config import ExpertParallelConfig
 from mistral.checkpoint import expert_tensor_names
-from tests.conftest import same_greedy_outputs
+from tests.conftest import same_greedy_outputs, small_llm
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -18,13 +18,9 @@ PROMPTS = [[5 + i, 17, 300 - i, 2, 41, 9, 11 + i][: 3 + i % 5] for i in range(16
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1)
 
 
-def engine(model_dir, **kwargs) -> LLM:
-    return LLM(str(model_dir), tokenizer="v1", dtype="float32", progress=False, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def reference(mixtral_dir):
-    return engine(mixtral_dir).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+    return small_llm(mixtral_dir).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
 
 
 def info(llm: LLM, replica_id: str) -> dict:
@@ -62,7 +58,7 @@ LAYOUTS = [
 def test_layouts_equal_the_single_process_engine(ray_cluster, mixtral_dir, reference, transport, num_groups,
                                                  strategy, replicas):
     config = ExpertParallelConfig(num_groups, transport, strategy, replicas)
-    with engine(mixtral_dir, expert_parallel=config) as llm:
+    with small_llm(mixtral_dir, expert_parallel=config) as llm:
         same_greedy_outputs(llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY), reference, tol=1e-5)
         placement = llm.expert_runtime.placement
         for g in range(num_groups):  # each group read exactly its own tensors
@@ -73,7 +69,7 @@ def test_layouts_equal_the_single_process_engine(ray_cluster, mixtral_dir, refer
 @pytest.mark.parametrize("transport", ["ray", "grpc", "torch"])
 def test_killing_a_replica_mid_batch_loses_nothing(ray_cluster, mixtral_dir, reference, transport):
     config = ExpertParallelConfig(2, transport, "linear", (2, 1), failover_timeout=60)
-    with engine(mixtral_dir, expert_parallel=config) as llm:
+    with small_llm(mixtral_dir, expert_parallel=config) as llm:
         killer = kill_mid_batch(llm, "g0-r0", after_layers=6)
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
         killer.join(timeout=5)
@@ -88,7 +84,7 @@ def test_killing_a_replica_mid_batch_loses_nothing(ray_cluster, mixtral_dir, ref
 
 def test_a_lone_replica_is_restarted_and_waited_for(ray_cluster, mixtral_dir, reference):
     config = ExpertParallelConfig(2, "ray", "linear", 1, failover_timeout=120)
-    with engine(mixtral_dir, expert_parallel=config) as llm:
+    with small_llm(mixtral_dir, expert_parallel=config) as llm:
         first_pid = info(llm, "g1-r0")["pid"]
         kill_mid_batch(llm, "g1-r0", after_layers=6)
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
@@ -101,7 +97,7 @@ def test_an_attention_shard_actor_serves_through_the_same_expert_groups(ray_clus
     from actors.attention_shard_actor import AttentionShardActor
 
     config = ExpertParallelConfig(2, "ray", "round_robin", 1)
-    with engine(mixtral_dir, expert_parallel=config) as llm:
+    with small_llm(mixtral_dir, expert_parallel=config) as llm:
         shard = ray_cluster.remote(AttentionShardActor).options(num_cpus=0).remote(
             str(mixtral_dir), llm.expert_runtime.router_name, config, "second-shard", dtype="float32",
             tokenizer="v1")

@@ -117,3 +117,22 @@ def test_generate_bad_input_is_a_clear_error(capsys):
     assert "temperature must be >= 0" in capsys.readouterr().err
     assert main(["generate", "--model", "tiny"]) == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("placement,message", [
+    ("0,0,0", "experts [3, 4, 5, 6, 7] are unplaced"),
+    ("0,x", "expected linear, round_robin or comma-separated group ids"),
+    ("spiral", "unknown placement strategy 'spiral'"),
+])
+def test_generate_bad_placement_is_a_clear_error(placement, message, capsys):
+    argv = ["generate", "--model", "tiny", "--prompt", "x", "--expert-groups", "2", "--transport", "local",
+            "--placement", placement]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_with_local_expert_groups_streams(capsys):
+    argv = ["generate", "--model", "tiny", "--prompt", "Hello", "--max-tokens", "4", "--expert-groups", "2",
+            "--transport", "local"]
+    assert main(argv) == 0
+    assert "[finish_reason: length]" in capsys.readouterr().err

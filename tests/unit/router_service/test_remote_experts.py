@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from engine import SamplingParams
 from experts.expert_group import ExpertGroup
 from experts.parallel_config import ExpertParallelConfig
 from experts.placement import make_placement
@@ -14,19 +14,15 @@ from router_service.remote_experts import ExpertGroupUnavailable, RemoteExperts,
 from router_service.routing_table import RoutingTable
 from router_service.service import RouterService
 from router_service.transport import LocalTransport, ReplicaFailure, ReplicaInfo
-from tests.conftest import same_greedy_outputs
+from tests.conftest import same_greedy_outputs, small_llm
 
 PROMPTS = [[5, 17, 300, 2, 41, 9, 11], [7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1)
 
 
-def engine(mixtral_dir, **kwargs) -> LLM:
-    return LLM(str(mixtral_dir), tokenizer="v1", dtype="float32", progress=False, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def reference(mixtral_dir):
-    return engine(mixtral_dir).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+    return small_llm(mixtral_dir).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
 
 
 @pytest.mark.parametrize("num_groups,strategy,replicas", [
@@ -35,7 +31,7 @@ def reference(mixtral_dir):
 def test_local_transport_layouts_equal_the_single_process_engine(mixtral_dir, reference, num_groups, strategy,
                                                                   replicas):
     config = ExpertParallelConfig(num_groups, "local", strategy, replicas)
-    with engine(mixtral_dir, expert_parallel=config) as llm:
+    with small_llm(mixtral_dir, expert_parallel=config) as llm:
         same_greedy_outputs(llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY), reference, tol=0.0)
         backend = llm.expert_runtime.backend
         if replicas != 1:  # both replicas of group 1 got work
@@ -84,7 +80,7 @@ def test_a_dead_replica_is_replaced_by_its_sibling_without_changing_a_token(mixt
     service, transport, backend = local_cluster(mixtral_dir, (2, 1))
     version = service.table.version
     transport.kill_at(6, "g0-r0")
-    outs = engine(mixtral_dir, experts=backend).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+    outs = small_llm(mixtral_dir, experts=backend).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
     same_greedy_outputs(outs, reference, tol=0.0)
     assert backend.failover.failed_sends >= 1 and backend.failover.stall_seconds
     assert service.table.get("g0-r0") is None and service.table.version > version  # dropped as dead
@@ -102,7 +98,7 @@ def test_a_lone_replica_that_restarts_is_waited_for(mixtral_dir, reference):
         threading.Timer(0.3, come_back).start()  # the fault: the replica is away for a while
 
     transport.kill_at(6, "g1-r0", then=restart_later)
-    outs = engine(mixtral_dir, experts=backend).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+    outs = small_llm(mixtral_dir, experts=backend).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
     assert restarted.is_set()
     same_greedy_outputs(outs, reference, tol=0.0)
     assert max(backend.failover.stall_seconds) >= 0.2
@@ -111,14 +107,14 @@ def test_a_lone_replica_that_restarts_is_waited_for(mixtral_dir, reference):
 def test_a_group_that_never_returns_fails_after_the_timeout(mixtral_dir):
     service, transport, backend = local_cluster(mixtral_dir, (1, 1), failover_timeout=0.5)
     transport.dead.add("g1-r0")
-    llm = engine(mixtral_dir, experts=backend)
+    llm = small_llm(mixtral_dir, experts=backend)
     with pytest.raises(ExpertGroupUnavailable, match=r"expert groups \[1\]"):
         llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=GREEDY)
 
 
 def test_load_statistics_count_every_routed_slot(mixtral_dir):
     service, _, backend = local_cluster(mixtral_dir, (1, 1))
-    llm = engine(mixtral_dir, experts=backend)
+    llm = small_llm(mixtral_dir, experts=backend)
     llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
     backend.flush_load()
     stats = service.load_stats()
@@ -141,3 +137,17 @@ def test_routing_table_versions_and_snapshots():
     assert table.version == 4 and table.snapshot().missing_groups == [0]
     with pytest.raises(ValueError, match="names group 5"):
         table.register(ReplicaInfo("c", 5))
+
+
+def test_expert_parallel_configuration_errors(tmp_path):
+    from tests.conftest import write_hf_checkpoint
+
+    with pytest.raises(ValueError, match="unknown transport 'smoke'"):
+        ExpertParallelConfig(2, "smoke")
+    with pytest.raises(ValueError, match="num_groups must be at least 1"):
+        ExpertParallelConfig(0)
+    with pytest.raises(ValueError, match="must be positive"):
+        ExpertParallelConfig(2, failover_timeout=0)
+    dense = write_hf_checkpoint(tmp_path / "dense", moe=False)
+    with pytest.raises(ValueError, match="dense model"):
+        small_llm(dense, expert_parallel=ExpertParallelConfig(2, "local"))
