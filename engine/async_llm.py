@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.llm import LLM, Prompt, merge
+from engine.llm_engine import Resume
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -106,14 +107,17 @@ class AsyncLLM:
     # ---- requests (any thread with a running event loop) ----
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
-                    request_id: str | None = None, *, messages: Sequence[dict] | None = None) -> RequestStream:
-        """Validate and queue one request (text, token ids, or chat `messages`); raises on bad input."""
+                    request_id: str | None = None, *, messages: Sequence[dict] | None = None,
+                    resume: Resume | None = None) -> RequestStream:
+        """Validate and queue one request (text, token ids, or chat `messages`); raises on bad input.
+
+        `resume` continues a request begun on another shard (see `LLMEngine.add_request`)."""
         params = sampling_params or SamplingParams()
         if messages is not None:
             text, ids = None, self.tokenizer.encode_chat(list(messages))
         else:
             text, ids = self.llm._encode(prompt)
-        self.llm.engine.validate(ids, params)
+        self.llm.engine.validate(ids, params, resume)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         stream = RequestStream(request_id, self)
         with self._lock:
@@ -122,7 +126,7 @@ class AsyncLLM:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
             self._streams[request_id] = stream
-        self._commands.put(("add", request_id, ids, params, text))
+        self._commands.put(("add", request_id, ids, params, text, resume))
         return stream
 
     async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
@@ -187,12 +191,12 @@ class AsyncLLM:
             if command[0] == "abort":
                 engine.abort_request(command[1])
             else:
-                _, request_id, ids, params, text = command
+                _, request_id, ids, params, text, resume = command
                 with self._lock:
                     wanted = request_id in self._streams  # not aborted while queued
                 if wanted:
                     try:
-                        engine.add_request(request_id, ids, params, text)
+                        engine.add_request(request_id, ids, params, text, resume)
                     except InvalidRequestError as error:  # fails this request only
                         self._fail(request_id, error)
 

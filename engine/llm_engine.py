@@ -24,6 +24,15 @@ from engine.tokenizer import Tokenizer
 from mistral.model import Transformer
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a request stopped on another shard: the tokens generated so far and how many characters of
+    their text the client has received (the rest, held back for stop strings, is sent again)."""
+
+    token_ids: tuple[int, ...]
+    num_chars: int
+
+
 @dataclass
 class _Sample:
     """Output side of one sample: its text so far and how much of it was already returned."""
@@ -76,7 +85,7 @@ class LLMEngine:
 
     # ---- requests in ----
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, resume: "Resume | None" = None) -> None:
         """Reject what can never run. Pure (reads only settings), so other threads may call it."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
@@ -92,10 +101,19 @@ class LLMEngine:
                 f"the prompt has {len(prompt_token_ids)} tokens; this model's context (max_model_len) is "
                 f"{self.max_model_len}, which leaves no room to generate — shorten the prompt or raise "
                 "max_model_len", param="prompt")
+        if resume is not None:
+            self._check_resume(prompt_token_ids, params, resume)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
-        self.validate(prompt_token_ids, params)
+                    prompt: str | None = None, resume: "Resume | None" = None) -> None:
+        """Queue a request; with `resume`, continue one whose first tokens were generated elsewhere.
+
+        A resumed request (n must be 1) starts with `resume.token_ids` as its output: they are prefilled
+        with the prompt, count towards `max_tokens` and the penalties, and its seeded stream is advanced
+        past them, so the tokens that follow are the ones the original run would have produced. Its deltas
+        start after the first `resume.num_chars` characters of their text (what the client already has).
+        """
+        self.validate(prompt_token_ids, params, resume)
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         user = _UserRequest(request_id, prompt, list(prompt_token_ids), params)
@@ -105,10 +123,30 @@ class LLMEngine:
                           SamplingState.from_params(params, user.prompt_token_ids, i, self.runner.device),
                           arrival, first_sibling=first)
             first = first or seq
-            user.samples.append(_Sample(seq, IncrementalDetokenizer(self.tokenizer, user.prompt_token_ids)))
+            sample = _Sample(seq, IncrementalDetokenizer(self.tokenizer, user.prompt_token_ids))
+            if resume is not None:
+                seq.sampling.skip(len(resume.token_ids), self.model.config.vocab_size)
+                seq.output_token_ids.extend(resume.token_ids)
+                sample.text = "".join(sample.detok.add(t) for t in resume.token_ids)
+                sample.sent_tokens, sample.sent_chars = len(resume.token_ids), resume.num_chars
+            user.samples.append(sample)
             self._seq_owner[seq.request_id] = user
             self.scheduler.add(seq)
         self._requests[request_id] = user
+
+    def _check_resume(self, prompt_token_ids: list[int], params: SamplingParams, resume: "Resume") -> None:
+        if params.n != 1:
+            raise InvalidRequestError(f"only a single sample can be resumed; resume each of the n={params.n} "
+                                      "samples as its own request", param="n")
+        if len(resume.token_ids) >= params.max_tokens or \
+                len(prompt_token_ids) + len(resume.token_ids) >= self.max_model_len:
+            raise InvalidRequestError(f"{len(resume.token_ids)} resumed tokens leave nothing to generate "
+                                      f"(max_tokens {params.max_tokens}, max_model_len {self.max_model_len})")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in resume.token_ids):
+            raise InvalidRequestError(f"resumed token ids must be in [0, {vocab})")
+        if resume.num_chars < 0:
+            raise InvalidRequestError(f"resume.num_chars must be >= 0, got {resume.num_chars}")
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; False if it is unknown or already done."""

@@ -76,6 +76,18 @@ class SamplingState:
         return cls(params=params, generator=generator, prompt_token_ids=list(prompt_token_ids),
                    output_token_ids=[])
 
+    def skip(self, num_tokens: int, vocab_size: int) -> None:
+        """Advance the seeded stream past `num_tokens` sampled tokens, as if they had been drawn here.
+
+        A request resumed elsewhere (its shard died) continues exactly where it stopped: each sampled token
+        consumed one exponential draw per vocabulary entry (`_sample_rows`), and greedy rows draw nothing.
+        """
+        if self.generator is None or self.params.is_greedy:
+            return
+        scratch = torch.empty(vocab_size, device=self.generator.device)
+        for _ in range(num_tokens):
+            scratch.exponential_(generator=self.generator)
+
 
 @dataclass(frozen=True)
 class SamplerOutput:
