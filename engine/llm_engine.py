@@ -87,22 +87,7 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, resume: "Resume | None" = None) -> None:
         """Reject what can never run. Pure (reads only settings), so other threads may call it."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if not prompt_token_ids:
-            raise InvalidRequestError("the prompt is empty: send at least one token of text", param="prompt")
-        vocab = self.model.config.vocab_size
-        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})",
-                                      param="prompt")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {len(prompt_token_ids)} tokens; this model's context (max_model_len) is "
-                f"{self.max_model_len}, which leaves no room to generate — shorten the prompt or raise "
-                "max_model_len", param="prompt")
-        if resume is not None:
-            self._check_resume(prompt_token_ids, params, resume)
+        check_request(prompt_token_ids, params, self.max_model_len, self.model.config.vocab_size, resume)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, resume: "Resume | None" = None) -> None:
@@ -133,20 +118,6 @@ class LLMEngine:
             self._seq_owner[seq.request_id] = user
             self.scheduler.add(seq)
         self._requests[request_id] = user
-
-    def _check_resume(self, prompt_token_ids: list[int], params: SamplingParams, resume: "Resume") -> None:
-        if params.n != 1:
-            raise InvalidRequestError(f"only a single sample can be resumed; resume each of the n={params.n} "
-                                      "samples as its own request", param="n")
-        if len(resume.token_ids) >= params.max_tokens or \
-                len(prompt_token_ids) + len(resume.token_ids) >= self.max_model_len:
-            raise InvalidRequestError(f"{len(resume.token_ids)} resumed tokens leave nothing to generate "
-                                      f"(max_tokens {params.max_tokens}, max_model_len {self.max_model_len})")
-        vocab = self.model.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in resume.token_ids):
-            raise InvalidRequestError(f"resumed token ids must be in [0, {vocab})")
-        if resume.num_chars < 0:
-            raise InvalidRequestError(f"resume.num_chars must be >= 0, got {resume.num_chars}")
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks; False if it is unknown or already done."""
@@ -229,7 +200,8 @@ class LLMEngine:
                 continue
             logprobs = None
             if user.params.logprobs is not None:
-                logprobs = [self._position_logprobs(lp) for lp in seq.logprobs[sample.sent_tokens:]]
+                # the newest entries: a resumed request has none for the tokens it started with
+                logprobs = [self._position_logprobs(lp) for lp in seq.logprobs[len(seq.logprobs) - len(new_tokens):]]
             completions.append(CompletionOutput(
                 index=i, text=sample.text[sample.sent_chars:end], token_ids=new_tokens, logprobs=logprobs,
                 cumulative_logprob=sum(lp.logprob for lp in seq.logprobs) if seq.logprobs else None,
@@ -257,6 +229,36 @@ class LLMEngine:
         out = {tid: Logprob(value, rank, piece(tid)) for rank, (tid, value) in enumerate(lp.top, start=1)}
         out[lp.token_id] = Logprob(lp.logprob, lp.rank, piece(lp.token_id))
         return out
+
+
+def check_request(prompt_token_ids: list[int], params: SamplingParams, max_model_len: int, vocab_size: int,
+                  resume: Resume | None = None) -> None:
+    """What every engine refuses, checked from settings alone (an ingress checks it before any shard does)."""
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+    if not prompt_token_ids:
+        raise InvalidRequestError("the prompt is empty: send at least one token of text", param="prompt")
+    bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab_size})",
+                                  param="prompt")
+    if len(prompt_token_ids) >= max_model_len:
+        raise PromptTooLongError(
+            f"the prompt has {len(prompt_token_ids)} tokens; this model's context (max_model_len) is "
+            f"{max_model_len}, which leaves no room to generate — shorten the prompt or raise "
+            "max_model_len", param="prompt")
+    if resume is None:
+        return
+    if params.n != 1:
+        raise InvalidRequestError(f"only a single sample can be resumed; resume each of the n={params.n} "
+                                  "samples as its own request", param="n")
+    if len(resume.token_ids) >= params.max_tokens or len(prompt_token_ids) + len(resume.token_ids) >= max_model_len:
+        raise InvalidRequestError(f"{len(resume.token_ids)} resumed tokens leave nothing to generate "
+                                  f"(max_tokens {params.max_tokens}, max_model_len {max_model_len})")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in resume.token_ids):
+        raise InvalidRequestError(f"resumed token ids must be in [0, {vocab_size})")
+    if resume.num_chars < 0:
+        raise InvalidRequestError(f"resume.num_chars must be >= 0, got {resume.num_chars}")
 
 
 def _find_stop(text: str, new_from: int, stops: tuple[str, ...]) -> tuple[int, str] | None:

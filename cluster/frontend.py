@@ -1,0 +1,274 @@
+"""`Frontend`: what the HTTP and gRPC servers share — validation, admission, shard failover, usage.
+
+It is the edge of DESIGN §4: text is tokenized and every request is checked here, before any shard sees it,
+so bad input is answered at once with an `InvalidRequestError` (400 / INVALID_ARGUMENT). Admission is
+bounded: past `limits.max_requests` requests or `limits.max_tokens_in_flight` tokens (prompt plus n times
+max_tokens) a request is refused with `OverloadedError` (429 / RESOURCE_EXHAUSTED) instead of queued.
+
+A request runs on one attention shard as one stream of deltas. When that shard dies (`ShardLost`), each of
+its unfinished samples is resubmitted as its own request (n=1, the sample's own seed) with `Resume`: the
+tokens already delivered, so a new shard continues exactly where the old one stopped, and the number of
+characters the client already has, so nothing is sent twice. Deltas keep the user's sample indices.
+
+The shards are behind the `Shards` protocol: `LocalShards` drives an in-process `AsyncLLM`; the Serve
+deployment graph (cluster/app.py) routes to AttentionShard replicas.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cluster.config import Limits
+from engine.async_llm import AsyncLLM
+from engine.errors import EngineDeadError, InvalidRequestError
+from engine.llm_engine import Resume, check_request
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+ExpertInfo = Callable[[], Awaitable[dict | None]]
+
+
+class ShardLost(Exception):
+    """The shard running a request died; the request can be resumed on another."""
+
+
+class OverloadedError(Exception):
+    """Admission limits reached: retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnknownModelError(LookupError):
+    """The request names a model this server does not serve (404 / NOT_FOUND)."""
+
+
+class UnavailableError(RuntimeError):
+    """No shard can run the request now (503 / UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class ShardRequest:
+    """One request as a shard runs it: plain data, so it crosses processes."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    resume: Resume | None = None
+
+
+class Shards(Protocol):
+    def stream(self, request: ShardRequest) -> AsyncIterator[RequestOutput]:
+        """The request's deltas; raises `ShardLost` if the shard dies, `EngineDeadError` if no shard can run."""
+
+    async def healthy(self) -> bool:
+        """True when the shards can take requests."""
+
+
+class LocalShards:
+    """One in-process `AsyncLLM` as the only shard (tests, `msem serve` without Ray)."""
+
+    def __init__(self, llm: AsyncLLM):
+        self.llm = llm
+
+    async def stream(self, request: ShardRequest) -> AsyncIterator[RequestOutput]:
+        async for delta in self.llm.add_request(request.prompt_token_ids, request.params, request.request_id,
+                                                resume=request.resume):
+            yield delta
+
+    async def healthy(self) -> bool:
+        return self.llm.dead is None
+
+
+@dataclass
+class _Progress:
+    """What the client has received of one sample."""
+
+    token_ids: list[int] = field(default_factory=list)
+    num_chars: int = 0
+    finished: bool = False
+
+
+@dataclass
+class _Leg:
+    """A shard request and which user sample each of its samples is."""
+
+    request: ShardRequest
+    samples: list[int]
+
+
+class Frontend:
+    def __init__(self, model_name: str, tokenizer: Tokenizer, max_model_len: int, vocab_size: int,
+                 shards: Shards, limits: Limits = Limits(), expert_info: ExpertInfo | None = None):
+        self.model_name, self.tokenizer, self.shards, self.limits = model_name, tokenizer, shards, limits
+        self._expert_info = expert_info
+        self.max_model_len, self.vocab_size = max_model_len, vocab_size
+        self.num_requests = 0
+        self.tokens_in_flight = 0
+        self.num_resubmits = 0
+
+    # ---- the edge: model names, tokens, validation ----
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise UnknownModelError(f"the model {name!r} does not exist; this server serves {self.model_name!r}")
+
+    def encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
+        """A prompt as (text or None, token ids); token ids are taken as given and range-checked later."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.encode_chat(messages)
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if params.n > self.limits.max_n:
+            raise InvalidRequestError(f"n is {params.n}; this server allows at most {self.limits.max_n} samples "
+                                      "per request", param="n")
+        check_request(prompt_token_ids, params, self.max_model_len, self.vocab_size)
+
+    async def healthy(self) -> bool:
+        return await self.shards.healthy()
+
+    async def experts(self) -> dict | None:
+        """Placement, live replicas and per-expert load (see `RouterService.describe`); None for a model
+        whose experts live inside the shards."""
+        return await self._expert_info() if self._expert_info is not None else None
+
+    # ---- generation ----
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Validate, admit and run one request; yields deltas with the user's sample indices.
+
+        Raises `InvalidRequestError` or `OverloadedError` before the first delta. Closing the iterator (a
+        client that disconnects, a deadline) aborts the request on its shard.
+        """
+        self.check(prompt_token_ids, params)
+        cost = len(prompt_token_ids) + params.n * params.max_tokens
+        with self._admit(cost):
+            request_id = request_id or f"cmpl-{uuid.uuid4().hex}"
+            first = _Leg(ShardRequest(request_id, prompt_token_ids, params, prompt), list(range(params.n)))
+            async for delta in self._run(first, params.n):
+                yield delta
+
+    @contextlib.contextmanager
+    def _admit(self, cost: int):
+        limits = self.limits
+        if self.num_requests >= limits.max_requests:
+            raise OverloadedError(f"the server is at its limit of {limits.max_requests} requests in flight; "
+                                  f"retry in {limits.retry_after_s} s", limits.retry_after_s)
+        if self.tokens_in_flight + cost > limits.max_tokens_in_flight and self.num_requests > 0:
+            raise OverloadedError(f"the server is at its limit of {limits.max_tokens_in_flight} tokens in flight "
+                                  f"(this request needs {cost}); retry in {limits.retry_after_s} s",
+                                  limits.retry_after_s)
+        self.num_requests += 1
+        self.tokens_in_flight += cost
+        try:
+            yield
+        finally:
+            self.num_requests -= 1
+            self.tokens_in_flight -= cost
+
+    async def _run(self, first: _Leg, n: int) -> AsyncIterator[RequestOutput]:
+        """Run legs concurrently, merging their deltas; a lost leg is replaced by one leg per unfinished sample."""
+        progress = [_Progress() for _ in range(n)]
+        events: asyncio.Queue = asyncio.Queue(maxsize=max(2, n))  # pumps wait while the reader is behind
+        tasks: dict[int, asyncio.Task] = {}
+        keys = itertools.count()
+        resubmits = 0
+
+        def start(leg: _Leg) -> None:
+            key = next(keys)
+            tasks[key] = asyncio.create_task(self._pump(key, leg, events))
+
+        start(first)
+        try:
+            while tasks:
+                key, leg, item = await events.get()
+                if isinstance(item, RequestOutput):
+                    delta = self._record(item, leg, progress)
+                    if delta is not None:
+                        yield delta
+                    continue
+                tasks.pop(key)
+                if item is None:  # the leg's stream ended
+                    continue
+                if not isinstance(item, ShardLost):
+                    raise item
+                resubmits += 1
+                if resubmits > self.limits.max_resubmits:
+                    raise UnavailableError(f"the request lost its shard {resubmits} times; giving up") from item
+                self.num_resubmits += 1
+                for leg_new in self._resume_legs(leg, progress):
+                    start(leg_new)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    async def _pump(self, key: int, leg: _Leg, events: asyncio.Queue) -> None:
+        try:
+            async for delta in self.shards.stream(leg.request):
+                await events.put((key, leg, delta))
+        except asyncio.CancelledError:
+            raise
+        except ShardLost as lost:
+            logger.warning("request %s lost its shard; resuming it elsewhere", leg.request.request_id)
+            await events.put((key, leg, lost))
+            return
+        except EngineDeadError as error:
+            await events.put((key, leg, UnavailableError(str(error))))
+            return
+        except BaseException as error:  # noqa: BLE001 - handed to the reader, which raises it
+            await events.put((key, leg, error))
+            return
+        await events.put((key, leg, None))
+
+    def _record(self, delta: RequestOutput, leg: _Leg, progress: list[_Progress]) -> RequestOutput | None:
+        """Map a leg's delta to user sample indices and note what the client now has."""
+        outputs = []
+        for out in delta.outputs:
+            index = leg.samples[out.index]
+            p = progress[index]
+            if p.finished:
+                continue
+            p.token_ids += out.token_ids
+            p.num_chars += len(out.text)
+            p.finished = out.finish_reason is not None
+            outputs.append(dataclasses.replace(out, index=index))
+        if not outputs and delta.prompt_logprobs is None:
+            return None
+        return dataclasses.replace(delta, outputs=outputs, finished=all(p.finished for p in progress))
+
+    def _resume_legs(self, lost: _Leg, progress: list[_Progress]) -> list[_Leg]:
+        request, params = lost.request, lost.request.params
+        legs = []
+        for leg_index, user_index in enumerate(lost.samples):
+            p = progress[user_index]
+            if p.finished:
+                continue
+            one = dataclasses.replace(params, n=1, seed=params.sample_seed(leg_index), prompt_logprobs=None)
+            resume = Resume(tuple(p.token_ids), p.num_chars) if p.token_ids else None
+            legs.append(_Leg(ShardRequest(f"{request.request_id}.{user_index}r{self.num_resubmits}",
+                                          request.prompt_token_ids, one, request.prompt, resume), [user_index]))
+        return legs
+
+
+def usage(prompt_token_ids: Sequence[int], outputs: Sequence[CompletionOutput]) -> dict:
+    """OpenAI's `usage` object for a request whose samples are `outputs` (token ids accumulated)."""
+    completion = sum(len(o.token_ids) for o in outputs)
+    return {"prompt_tokens": len(prompt_token_ids), "completion_tokens": completion,
+            "total_tokens": len(prompt_token_ids) + completion}

@@ -1,0 +1,97 @@
+"""The frontend resumes requests whose shard died, so the client sees exactly a fault-free run."""
+
+import asyncio
+
+import pytest
+
+from cluster.config import Limits
+from cluster.frontend import Frontend, LocalShards, OverloadedError, ShardLost, UnavailableError
+from engine.errors import InvalidRequestError
+from engine.llm import merge
+from engine.sampling_params import SamplingParams
+from tests.unit.cluster.conftest import make_frontend
+
+
+class FlakyShards(LocalShards):
+    """Kills the shard of each of the first `failures` streams after it delivered `after` deltas."""
+
+    def __init__(self, llm, failures: int, after: int):
+        super().__init__(llm)
+        self.failures, self.after, self.requests = failures, after, []
+
+    async def stream(self, request):
+        self.requests.append(request)
+        fail = len(self.requests) <= self.failures
+        count = 0
+        async for delta in super().stream(request):
+            if fail and count == self.after:
+                raise ShardLost("shard died")
+            count += 1
+            yield delta
+
+
+def _collect(frontend: Frontend, params: SamplingParams, prompt: str = "The quick brown fox"):
+    async def run():
+        text, ids = frontend.encode(prompt)
+        out, deltas = None, 0
+        async for delta in frontend.generate(ids, params, text):
+            out, deltas = merge(out, delta), deltas + 1
+        return out
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_tokens=20, temperature=1.0, seed=11, ignore_eos=True, logprobs=1),
+    SamplingParams(max_tokens=20, temperature=0.9, seed=5, n=3, ignore_eos=True, stop=["zz"]),
+], ids=["greedy", "seeded", "n3"])
+def test_lost_shard_is_invisible_to_the_client(async_llm, params):
+    reference = _collect(make_frontend(async_llm), params)
+    flaky = FlakyShards(async_llm, failures=2, after=4)
+    frontend = Frontend("tiny", async_llm.tokenizer, async_llm.max_model_len, 32000, flaky)
+    out = _collect(frontend, params)
+    assert [(o.index, o.text, o.token_ids, o.finish_reason) for o in out.outputs] == \
+        [(o.index, o.text, o.token_ids, o.finish_reason) for o in reference.outputs]
+    if params.logprobs is not None:
+        assert len(out.outputs[0].logprobs) == len(out.outputs[0].token_ids)
+    assert frontend.num_resubmits == 2 and out.finished
+    resumed = flaky.requests[1]
+    assert resumed.params.n == 1 and resumed.resume is not None and len(resumed.resume.token_ids) > 0
+    assert frontend.num_requests == 0 and frontend.tokens_in_flight == 0
+
+
+def test_gives_up_after_max_resubmits(async_llm):
+    flaky = FlakyShards(async_llm, failures=10, after=1)
+    frontend = Frontend("tiny", async_llm.tokenizer, async_llm.max_model_len, 32000, flaky,
+                        Limits(max_resubmits=2))
+    with pytest.raises(UnavailableError, match="3 times"):
+        _collect(frontend, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert frontend.num_requests == 0
+
+
+def test_admission_limits_refuse_instead_of_queueing(async_llm):
+    frontend = make_frontend(async_llm, Limits(max_requests=1, max_tokens_in_flight=64, retry_after_s=3))
+
+    async def run():
+        ids = frontend.encode("Hello")[1]
+        first = frontend.generate(ids, SamplingParams(max_tokens=40, ignore_eos=True))
+        await first.__anext__()  # admitted and running
+        with pytest.raises(OverloadedError) as err:
+            await frontend.generate(ids, SamplingParams(max_tokens=4)).__anext__()
+        assert err.value.retry_after == 3 and "1 requests in flight" in str(err.value)
+        await first.aclose()
+        assert frontend.num_requests == 0
+        # Alone, a request larger than the token budget still runs (it could never run otherwise) ...
+        big = frontend.generate(ids, SamplingParams(max_tokens=100, ignore_eos=True))
+        await big.__anext__()
+        await big.aclose()
+
+    asyncio.run(run())
+
+
+def test_edge_checks_before_any_shard(async_llm):
+    frontend = make_frontend(async_llm, Limits(max_n=4))
+    with pytest.raises(InvalidRequestError, match="at most 4"):
+        frontend.check([1, 2], SamplingParams(n=5))
+    with pytest.raises(InvalidRequestError, match="256"):
+        frontend.check([1] * 300, SamplingParams())
