@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/msem generate --model tiny --interactive
+	$(VENV)/bin/msem serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests

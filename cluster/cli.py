@@ -5,6 +5,7 @@ handler, so adding one is one function plus one line in `build_parser`. User mis
 directory, an unknown preset, a bad config or checkpoint) print `error: <message>` on stderr and exit with
 status 2, like argparse's own usage errors; they never show a traceback.
 
+    msem serve [--config configs/tiny.yaml]  # HTTP (OpenAI API) + gRPC on Ray Serve; prints the endpoints
     msem generate --model tiny --prompt "Hello" [--chat] [--max-tokens N --temperature T --top-p P --seed S]
     msem checkpoint create --preset tiny --out ./tiny-hf [--format hf|consolidated] [--max-shard-size MB]
     msem checkpoint inspect mixtral-8x7b      # a preset (config-only ones too) or a checkpoint directory
@@ -15,7 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+from cluster.client import add_client_command
 from cluster.generate import add_generate_command
+from cluster.serve_command import add_serve_command
 from engine.errors import EngineConfigError, InvalidRequestError
 from engine.tokenizer import TokenizerNotFoundError, UnknownTokenizerError
 from experts.placement import PlacementError
@@ -45,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msem", description="Serve Mistral-family dense and MoE models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_generate_command(commands)
+    add_client_command(commands)
+    add_serve_command(commands)
     _add_checkpoint_commands(commands)
     return parser
 

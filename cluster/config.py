@@ -89,7 +89,7 @@ class Limits(_Strict):
     max_n: int = Field(16, ge=1)
     max_body_bytes: int = Field(4 << 20, ge=1024)
     retry_after_s: int = Field(1, ge=1)
-    max_resubmits: int = Field(3, ge=0)  # times a request moves to another shard when its shard dies
+    resume_timeout_s: float = Field(60.0, gt=0)  # how long a request whose shard died may wait for another
 
 
 class ServeConfig(_Strict):

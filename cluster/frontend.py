@@ -19,8 +19,9 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,6 +34,7 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+RESUME_BACKOFF_S = 0.1  # first wait before resubmitting; doubles per loss, at most 2 s
 ExpertInfo = Callable[[], Awaitable[dict | None]]
 
 
@@ -149,7 +151,7 @@ class Frontend:
     # ---- generation ----
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Validate, admit and run one request; yields deltas with the user's sample indices.
 
         Raises `InvalidRequestError` or `OverloadedError` before the first delta. Closing the iterator (a
@@ -160,8 +162,9 @@ class Frontend:
         with self._admit(cost):
             request_id = request_id or f"cmpl-{uuid.uuid4().hex}"
             first = _Leg(ShardRequest(request_id, prompt_token_ids, params, prompt), list(range(params.n)))
-            async for delta in self._run(first, params.n):
-                yield delta
+            async with contextlib.aclosing(self._run(first, params.n)) as deltas:  # closing us stops the legs now
+                async for delta in deltas:
+                    yield delta
 
     @contextlib.contextmanager
     def _admit(self, cost: int):
@@ -187,11 +190,11 @@ class Frontend:
         events: asyncio.Queue = asyncio.Queue(maxsize=max(2, n))  # pumps wait while the reader is behind
         tasks: dict[int, asyncio.Task] = {}
         keys = itertools.count()
-        resubmits = 0
+        first_loss, losses = None, 0
 
-        def start(leg: _Leg) -> None:
+        def start(leg: _Leg, delay: float = 0.0) -> None:
             key = next(keys)
-            tasks[key] = asyncio.create_task(self._pump(key, leg, events))
+            tasks[key] = asyncio.create_task(self._pump(key, leg, events, delay))
 
         start(first)
         try:
@@ -207,26 +210,29 @@ class Frontend:
                     continue
                 if not isinstance(item, ShardLost):
                     raise item
-                resubmits += 1
-                if resubmits > self.limits.max_resubmits:
-                    raise UnavailableError(f"the request lost its shard {resubmits} times; giving up") from item
+                now = time.monotonic()
+                first_loss, losses = first_loss or now, losses + 1
+                if now - first_loss > self.limits.resume_timeout_s:
+                    raise UnavailableError(f"no attention shard could continue the request within "
+                                           f"{self.limits.resume_timeout_s:g} s ({losses} shard losses)") from item
                 self.num_resubmits += 1
-                for leg_new in self._resume_legs(leg, progress):
-                    start(leg_new)
+                for leg_new in self._resume_legs(leg, progress):  # back off while Serve replaces the shard
+                    start(leg_new, delay=min(RESUME_BACKOFF_S * 2 ** (losses - 1), 2.0))
         finally:
             for task in tasks.values():
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks.values(), return_exceptions=True)
 
-    async def _pump(self, key: int, leg: _Leg, events: asyncio.Queue) -> None:
+    async def _pump(self, key: int, leg: _Leg, events: asyncio.Queue, delay: float) -> None:
         try:
+            await asyncio.sleep(delay)
             async for delta in self.shards.stream(leg.request):
                 await events.put((key, leg, delta))
         except asyncio.CancelledError:
             raise
         except ShardLost as lost:
-            logger.warning("request %s lost its shard; resuming it elsewhere", leg.request.request_id)
+            logger.warning("request %s lost its shard (%s); resuming it elsewhere", leg.request.request_id, lost)
             await events.put((key, leg, lost))
             return
         except EngineDeadError as error:
@@ -251,7 +257,8 @@ class Frontend:
             outputs.append(dataclasses.replace(out, index=index))
         if not outputs and delta.prompt_logprobs is None:
             return None
-        return dataclasses.replace(delta, outputs=outputs, finished=all(p.finished for p in progress))
+        return dataclasses.replace(delta, prompt_token_ids=leg.request.prompt_token_ids, outputs=outputs,
+                                   finished=all(p.finished for p in progress))
 
     def _resume_legs(self, lost: _Leg, progress: list[_Progress]) -> list[_Leg]:
         request, params = lost.request, lost.request.params

@@ -42,6 +42,7 @@ class ExpertGroup:
     def __init__(self, config: ModelConfig, group_id: int, experts: tuple[int, ...],
                  tensors: dict[str, torch.Tensor]):
         self.config, self.group_id, self.experts = config, group_id, experts
+        self.tokens_served = 0  # token rows computed (a token routed to two of our experts counts twice)
         self.dtype = next(iter(tensors.values())).dtype
         # global expert id -> local index, -1 for experts of other groups
         self.local_ids = torch.full((config.num_experts + 1,), -1, dtype=torch.long)
@@ -95,5 +96,6 @@ class ExpertGroup:
         device = self.w1[0].device
         local = self.local_ids[batch.expert_ids]  # -1 stays -1 (index E maps to -1 too)
         layer = batch.layer_id
+        self.tokens_served += int((local >= 0).sum())
         return grouped_swiglu(batch.hidden.to(device), local.to(device), batch.weights.to(device),
                               self.w1[layer], self.w2[layer], self.w3[layer])

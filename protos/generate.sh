@@ -22,9 +22,11 @@ fi
 
 "$PROTOC_PYTHON" -m grpc_tools.protoc -I . \
   --python_out=. --pyi_out=. --grpc_python_out=. \
-  protos/expert_service.proto
+  protos/*.proto
 
-# Older grpcio-tools wrote a top-level `import expert_service_pb2`; make sure the package import is used.
-sed -i -E 's/^import expert_service_pb2 as /from protos import expert_service_pb2 as /' \
-  protos/expert_service_pb2_grpc.py
-grep -q '^from protos import expert_service_pb2 as ' protos/expert_service_pb2_grpc.py
+# Older grpcio-tools wrote a top-level `import x_pb2`; make sure the package import is used.
+for grpc_py in protos/*_pb2_grpc.py; do
+  name="$(basename "$grpc_py" _grpc.py)"
+  sed -i -E "s/^import ${name} as /from protos import ${name} as /" "$grpc_py"
+  grep -q "^from protos import ${name} as " "$grpc_py"
+done

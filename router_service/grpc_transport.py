@@ -119,6 +119,16 @@ def serve_expert_group(group: ExpertGroup, replica_id: str, host: str = "127.0.0
     return server, bound
 
 
+def is_serving(endpoint: str, timeout_s: float = 2.0) -> bool:
+    """True when the ExpertService at host:port answers its health check within the deadline."""
+    try:
+        with grpc.insecure_channel(endpoint) as channel:
+            reply = pb_grpc.ExpertServiceStub(channel).Health(pb.HealthRequest(), timeout=timeout_s)
+        return reply.status == pb.HealthResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
 class GrpcTransport:
     """`Transport` over ExpertService: concurrent grpc.aio calls from a background event loop, with deadlines.
 

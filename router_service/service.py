@@ -30,6 +30,7 @@ class RouterService:
         self.store = TCPStore(host, store_port, is_master=True, wait_for_workers=False)
         self.store_address = (host, self.store.port)
         self._load = torch.zeros(placement.num_layers, placement.num_experts, dtype=torch.long)
+        self._served: dict[str, int] = {}  # replica id -> tokens it computed, from its heartbeats
         self._started = time.monotonic()
         self._lock = threading.Lock()  # the actor serves calls concurrently (a health check may block)
 
@@ -41,7 +42,16 @@ class RouterService:
 
     def deregister(self, replica_id: str) -> int:
         with self._lock:
+            self._served.pop(replica_id, None)
             return self.table.deregister(replica_id)
+
+    def heartbeat(self, info: ReplicaInfo, tokens_served: int) -> None:
+        """A replica's periodic report: registers it again if this service lost it (it restarted)."""
+        with self._lock:
+            known = self.table.get(info.replica_id) == info
+            self._served[info.replica_id] = tokens_served
+        if not known:
+            self.register(info)
 
     def get_table(self, known_version: int) -> TableSnapshot | None:
         """A snapshot newer than `known_version`, or None when the caller is up to date."""
@@ -71,3 +81,17 @@ class RouterService:
             per_group[placement.expert_to_group[expert]] += tokens
         return {"seconds": time.monotonic() - self._started, "per_layer_expert": self._load.tolist(),
                 "per_expert": per_expert, "per_group": per_group}
+
+    def describe(self) -> dict:
+        """Placement, live replicas (with the tokens each computed) and per-expert load, for dashboards."""
+        with self._lock:
+            snapshot = self.table.snapshot()
+            served = dict(self._served)
+        placement = snapshot.placement
+        groups = [{"group": g, "experts": list(placement.experts_of(g)),
+                   "replicas": [{"replica_id": r.replica_id, "endpoints": dict(r.endpoints),
+                                 "tokens_served": served.get(r.replica_id, 0)}
+                                for r in snapshot.replicas.get(g, ())]}
+                  for g in range(placement.num_groups)]
+        return {"table_version": snapshot.version, "num_layers": placement.num_layers,
+                "num_experts": placement.num_experts, "groups": groups, "load": self.load_stats()}

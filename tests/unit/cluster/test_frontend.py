@@ -60,11 +60,11 @@ def test_lost_shard_is_invisible_to_the_client(async_llm, params):
     assert frontend.num_requests == 0 and frontend.tokens_in_flight == 0
 
 
-def test_gives_up_after_max_resubmits(async_llm):
-    flaky = FlakyShards(async_llm, failures=10, after=1)
+def test_gives_up_after_the_resume_timeout(async_llm):
+    flaky = FlakyShards(async_llm, failures=100, after=1)
     frontend = Frontend("tiny", async_llm.tokenizer, async_llm.max_model_len, 32000, flaky,
-                        Limits(max_resubmits=2))
-    with pytest.raises(UnavailableError, match="3 times"):
+                        Limits(resume_timeout_s=0.5))
+    with pytest.raises(UnavailableError, match="within 0.5 s"):
         _collect(frontend, SamplingParams(max_tokens=8, ignore_eos=True))
     assert frontend.num_requests == 0
 

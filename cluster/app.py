@@ -1,0 +1,337 @@
+"""The Serve deployment graph: `build_app(config) -> serve.Application`.
+
+    Ingress ──► AttentionShard ×A ──(per MoE layer, gRPC)──► ExpertGroup0 ×r0, ExpertGroup1 ×r1, ...
+       │              │                                          │ register, heartbeat
+       └──────────────┴──────────────► Router ◄──────────────────┘
+
+- **Ingress**: the HTTP (OpenAI-compatible, through Serve's proxy) and gRPC (its own server) edge over one
+  `Frontend`: validation, admission limits, and resuming a request on another shard when its shard dies.
+- **AttentionShard**: an `AsyncLLM` (requests, KV cache, attention); its MoE layers call `RemoteExperts`,
+  which reads the routing table from the Router and sends each layer's tokens to expert group replicas.
+- **ExpertGroup{g}**: one deployment per group, each with its own replica bounds, so a hot group scales
+  without touching the others (autoscaled on routed tokens/s by `RoutedTokensPolicy`). A replica loads only
+  its experts, serves them over an ExpertService, registers with the Router, and heartbeats it.
+- **Router**: the `RouterService` (routing table, per-expert load) as a single replica.
+
+Serve handles are the control plane; the per-layer hop goes straight to the replicas' gRPC endpoints (a
+Serve call per layer would cost ~10 ms). That hop binds loopback when the config's `host` is loopback, and
+the node's address otherwise.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import ray
+import torch
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+
+from cluster.autoscaling import RoutedTokensPolicy
+from cluster.config import ExpertGroupsConfig, Replicas, ServeConfig, parse_config
+from cluster.frontend import Frontend, OverloadedError, ShardLost, ShardRequest
+from engine.async_llm import AsyncLLM
+from engine.errors import EngineDeadError
+from engine.llm import LLM, resolve_device_dtype
+from engine.outputs import RequestOutput
+from engine.tokenizer import Tokenizer
+from experts.expert_group import ExpertGroup
+from experts.placement import Placement, make_placement
+from mistral.checkpoint import CheckpointReader
+from mistral.presets import resolve_model
+from router_service.grpc_transport import GrpcTransport, is_serving, message_limit_bytes, serve_expert_group
+from router_service.remote_experts import RemoteExperts, RouterClient
+from router_service.service import RouterService
+from router_service.transport import ReplicaInfo
+
+logger = logging.getLogger(__name__)
+APP_NAME = "msem"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+HEARTBEAT_S = 1.0
+RETRY_AFTER_S = 1
+
+
+def app_builder(args: dict) -> serve.Application:
+    """The `import_path` target of `configs/*.yaml`: Serve passes the application's `args`."""
+    return build_app(parse_config(args, source="application args"))
+
+
+def build_app(config: ServeConfig) -> serve.Application:
+    model_dir = resolve_model(config.model)  # materialises a preset once, before any replica starts
+    model = CheckpointReader(model_dir).config
+    gpus = _cluster_has_gpus()
+    router, groups = None, []
+    if config.expert_groups is not None:
+        if not model.is_moe:
+            raise ValueError(f"{config.model} is a dense model: set expert_groups to null (no expert groups)")
+        eg = config.expert_groups
+        # Replica counts live in each deployment's options, not in the placement: scaling stays per group.
+        placement = make_placement(model.num_experts, model.num_layers, eg.num_groups, eg.placement, 1)
+        router = Router.options(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}).bind(
+            placement, config.host)
+        groups = [ExpertGroupReplica.options(name=f"ExpertGroup{g}", **_group_options(eg, g, gpus))
+                  .bind(str(model_dir), config, placement, g, router) for g in range(eg.num_groups)]
+    attention = config.attention
+    shard = AttentionShard.options(
+        **_shard_scaling(config),
+        ray_actor_options={"num_cpus": attention.num_cpus, "num_gpus": _gpus(attention.num_gpus, gpus)},
+    ).bind(str(model_dir), config, router)
+    return Ingress.options(max_ongoing_requests=config.limits.max_requests + 64,
+                           ray_actor_options={"num_cpus": 0}).bind(
+        str(model_dir), config, shard, router, groups)
+
+
+def deploy(config: ServeConfig) -> None:
+    """Deploy (or update) the application declaratively, as `serve deploy` does with a config file.
+
+    Replica bounds go to the config's per-deployment section and the builder gets the config without them:
+    Serve then applies a change of one group's bounds to that group's deployment alone (a change of the
+    builder's args would restart every deployment). Serve's own CLI deploys through this same client call.
+    """
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    scaling_free = {"attention": config.attention.model_copy(update={"replicas": Replicas()})}
+    overrides = [{"name": "AttentionShard", **_shard_scaling(config)}]
+    if config.expert_groups is not None:
+        eg = config.expert_groups
+        scaling_free["expert_groups"] = eg.model_copy(update={"replicas": Replicas(), "group_replicas": {}})
+        overrides += [{"name": f"ExpertGroup{g}", **_scaling(eg.bounds(g), 100, eg.target_tokens_per_replica)}
+                      for g in range(eg.num_groups)]
+    args = config.model_copy(update=scaling_free).model_dump(mode="json")
+    schema = ServeDeploySchema.model_validate({
+        "proxy_location": "HeadOnly", "http_options": {"host": config.host, "port": config.http_port},
+        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": f"{__name__}:app_builder",
+                          "args": args, "deployments": overrides}]})
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client.deploy_apps(schema)
+
+
+def _cluster_has_gpus() -> bool:
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _gpus(wanted: float | None, cluster_has_gpus: bool) -> float:
+    return wanted if wanted is not None else (1.0 if cluster_has_gpus else 0.0)
+
+
+def _scaling(bounds: Replicas, max_ongoing: int, target_tokens_per_s: float | None = None,
+             target_ongoing: float | None = None) -> dict:
+    """Deployment options for replica bounds: a fixed count, or autoscaling between them (on ongoing requests,
+    or on routed tokens/s with `RoutedTokensPolicy`)."""
+    options = {"max_ongoing_requests": max_ongoing}
+    if bounds.min == bounds.max:
+        return {**options, "num_replicas": bounds.max}
+    autoscaling = {"min_replicas": bounds.min, "max_replicas": bounds.max, "initial_replicas": bounds.start,
+                   "upscale_delay_s": 5, "downscale_delay_s": 60}
+    if target_tokens_per_s is None:
+        autoscaling["target_ongoing_requests"] = target_ongoing
+    else:
+        autoscaling["policy"] = {"policy_function": f"{RoutedTokensPolicy.__module__}:RoutedTokensPolicy",
+                                 "policy_kwargs": {"target_tokens_per_s": target_tokens_per_s}}
+    return {**options, "autoscaling_config": autoscaling}
+
+
+def _shard_scaling(config: ServeConfig) -> dict:
+    attention = config.attention
+    return _scaling(attention.replicas, config.limits.max_requests,
+                    target_ongoing=attention.target_ongoing_requests)
+
+
+def _group_options(eg: ExpertGroupsConfig, group: int, cluster_has_gpus: bool) -> dict:
+    gpus = _gpus(eg.num_gpus, cluster_has_gpus)
+    options = _scaling(eg.bounds(group), 100, eg.target_tokens_per_replica)
+    if gpus > 1:  # one replica spans several GPUs: reserve them together
+        options["placement_group_bundles"] = [{"CPU": eg.num_cpus, "GPU": 1.0}] + [{"GPU": 1.0}] * (int(gpus) - 1)
+        options["placement_group_strategy"] = "STRICT_PACK"
+        gpus = 1.0
+    return {**options, "ray_actor_options": {"num_cpus": eg.num_cpus, "num_gpus": gpus}}
+
+
+def _local_model_dir(model_dir: str, config: ServeConfig) -> Path:
+    """The checkpoint on this node: the driver's path when it is here, else the preset materialised here."""
+    return Path(model_dir) if Path(model_dir).is_dir() else resolve_model(config.model)
+
+
+def _layer_host(config: ServeConfig) -> str:
+    return "127.0.0.1" if config.host in LOOPBACK else ray.util.get_node_ip_address()
+
+
+@serve.deployment(num_replicas=1)
+class Router:
+    """The routing table and load statistics; a replica is dead when its ExpertService stops answering."""
+
+    def __init__(self, placement: Placement, host: str):
+        self.service = RouterService(placement, host="127.0.0.1" if host in LOOPBACK else "0.0.0.0",
+                                     is_alive=lambda info: is_serving(info.endpoints["grpc"]))
+
+    def register(self, info: ReplicaInfo) -> int:
+        return self.service.register(info)
+
+    def deregister(self, replica_id: str) -> int:
+        return self.service.deregister(replica_id)
+
+    def heartbeat(self, info: ReplicaInfo, tokens_served: int) -> None:
+        self.service.heartbeat(info, tokens_served)
+
+    def get_table(self, known_version: int):
+        return self.service.get_table(known_version)
+
+    def report_failure(self, replica_id: str) -> None:
+        self.service.report_failure(replica_id)
+
+    def record_load(self, counts: list[list[int]]) -> None:
+        self.service.record_load(counts)
+
+    def describe(self) -> dict:
+        return self.service.describe()
+
+
+@serve.deployment
+class ExpertGroupReplica:
+    """One replica of one expert group: its experts behind an ExpertService, registered with the Router."""
+
+    async def __init__(self, model_dir: str, config: ServeConfig, placement: Placement, group_id: int, router):
+        device = torch.device("cuda", 0) if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+        _, dtype = resolve_device_dtype(str(device), config.dtype)
+        reader = CheckpointReader(_local_model_dir(model_dir, config))
+        self.group = await asyncio.to_thread(ExpertGroup.load, reader, placement, group_id, dtype, device)
+        replica = serve.get_replica_context().replica_id.unique_id
+        host = _layer_host(config)
+        self.server, port = serve_expert_group(self.group, f"g{group_id}-{replica}", host=host,
+                                               max_batch_tokens=config.attention.max_num_batched_tokens)
+        self.info = ReplicaInfo(f"g{group_id}-{replica}", group_id, {"grpc": f"{host}:{port}"})
+        self.router = router
+        await router.register.remote(self.info)
+        self._stop = threading.Event()
+        self._last = (time.monotonic(), 0)
+        threading.Thread(target=self._heartbeat, name="msem-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.router.heartbeat.remote(self.info, self.group.tokens_served).result(timeout_s=10)
+            except Exception:  # noqa: BLE001 - the router may be restarting; the next beat re-registers
+                logger.warning("heartbeat of %s failed", self.info.replica_id, exc_info=True)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        now, tokens = time.monotonic(), self.group.tokens_served
+        (then, before), self._last = self._last, (now, tokens)
+        return {"routed_tokens_per_s": (tokens - before) / max(now - then, 1e-3)}
+
+    def describe(self) -> dict:
+        return {"replica_id": self.info.replica_id, "tokens_served": self.group.tokens_served}
+
+    def __del__(self):
+        self._stop.set()
+        try:
+            self.router.deregister.remote(self.info.replica_id)
+        finally:
+            self.server.stop(grace=None)
+
+
+@serve.deployment
+class AttentionShard:
+    """An engine whose MoE layers call the expert groups (or computes its experts itself for a dense or
+    expert_groups-less config)."""
+
+    async def __init__(self, model_dir: str, config: ServeConfig, router):
+        self.llm = await asyncio.to_thread(self._load, _local_model_dir(model_dir, config), config, router)
+
+    @staticmethod
+    def _load(model_dir: Path, config: ServeConfig, router) -> AsyncLLM:
+        device, dtype = resolve_device_dtype("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu",
+                                             config.dtype)
+        attention, experts = config.attention, None
+        if router is not None:
+            eg, model = config.expert_groups, CheckpointReader(model_dir).config
+            client = RouterClient(get_table=lambda version: router.get_table.remote(version).result(),
+                                  report_failure=lambda rid: router.report_failure.remote(rid).result(),
+                                  record_load=lambda counts: router.record_load.remote(counts))
+            limit = message_limit_bytes(attention.max_num_batched_tokens, model.hidden_size,
+                                        model.num_experts_per_tok, dtype)
+            experts = RemoteExperts(GrpcTransport(timeout_s=eg.call_timeout, max_message_bytes=limit), client,
+                                    failover_timeout=eg.failover_timeout)
+        llm = LLM(str(model_dir), tokenizer=config.tokenizer, dtype=str(dtype).removeprefix("torch."),
+                  device=str(device), max_model_len=config.max_model_len, max_num_seqs=attention.max_num_seqs,
+                  max_num_batched_tokens=attention.max_num_batched_tokens,
+                  kv_cache_memory=attention.kv_cache_memory, experts=experts, progress=False)
+        return AsyncLLM.from_llm(llm)
+
+    async def stream(self, request: ShardRequest) -> AsyncIterator[RequestOutput]:
+        async for delta in self.llm.add_request(request.prompt_token_ids, request.params, request.request_id,
+                                                resume=request.resume):
+            yield dataclasses.replace(delta, prompt_token_ids=[])  # the ingress has them
+
+    def healthy(self) -> bool:
+        return self.llm.dead is None
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose engine died (its requests resume on another shard)."""
+        if self.llm.dead is not None:
+            raise RuntimeError(f"the engine stopped: {self.llm.dead!r}")
+
+    def num_unfinished_requests(self) -> int:
+        return self.llm.num_unfinished_requests
+
+    def __del__(self):
+        self.llm.shutdown()
+
+
+class ServeShards:
+    """`Shards` over the AttentionShard deployment: Serve picks a replica per request."""
+
+    def __init__(self, handle):
+        self.handle = handle.options(stream=True)
+        self.health_handle = handle
+
+    async def stream(self, request: ShardRequest) -> AsyncIterator[RequestOutput]:
+        response = self.handle.stream.remote(request)
+        try:
+            async for delta in response:
+                yield delta
+        except (RayActorError, ActorUnavailableError, EngineDeadError) as error:
+            raise ShardLost(str(error)) from error
+        except BackPressureError as error:  # every shard's queue is full: refuse, like our own limits
+            raise OverloadedError(f"the attention shards are at capacity; retry in {RETRY_AFTER_S} s",
+                                  RETRY_AFTER_S) from error
+        finally:
+            response.cancel()  # a reader that stopped early aborts the request on its shard
+
+    async def healthy(self) -> bool:
+        try:
+            return await self.health_handle.healthy.remote()
+        except Exception:  # noqa: BLE001 - an unreachable shard deployment is unhealthy
+            return False
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    async def __init__(self, model_dir: str, config: ServeConfig, shard, router, groups: list):
+        model_dir = _local_model_dir(model_dir, config)
+        model = CheckpointReader(model_dir).config
+        self.config, self.router = config, router
+        self.frontend = Frontend(config.model_name, Tokenizer.load(model_dir, config.tokenizer),
+                                 config.max_model_len or model.max_position_embeddings, model.vocab_size,
+                                 ServeShards(shard), config.limits, self._experts if router is not None else None)
+        self.grpc_server = None
+        if config.grpc_port is not None:
+            from cluster.grpc_api import start_grpc_server
+
+            self.grpc_server, _ = await start_grpc_server(self.frontend, config.host, config.grpc_port,
+                                                          api_keys=config.api_keys)
+
+    async def _experts(self) -> dict:
+        return await self.router.describe.remote()
+
+    def __serve_build_asgi_app__(self):
+        from cluster.http_api import build_http_app
+
+        return build_http_app(self.frontend, api_keys=self.config.api_keys,
+                              max_body_bytes=self.config.limits.max_body_bytes)

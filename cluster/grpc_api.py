@@ -1,0 +1,239 @@
+"""The gRPC API: `msem.inference.v1.Inference` (protos/inference.proto) over a `Frontend`.
+
+It is the HTTP API's twin on the same edge: the `Frontend` tokenizes, validates and admits every request, so
+both APIs refuse the same requests with the same messages. This module only translates — protobuf messages to
+`SamplingParams` and prompt ids, engine deltas to `Choice` messages, and errors to status codes (one table,
+`_STATUS`): INVALID_ARGUMENT for an `InvalidRequestError`, NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED
+when admission refuses, UNAVAILABLE when no shard can run the request, INTERNAL (logged) for anything else.
+
+Every generation is read inside `aclosing(frontend.generate(...))`. When the client cancels or its deadline
+passes, gRPC cancels the handler's task; the cancellation leaves through that block, which closes the
+frontend's iterator and so aborts the request on its shard and frees its KV blocks at once.
+
+With `api_keys`, every Inference call needs metadata `authorization: Bearer <key>` (UNAUTHENTICATED
+otherwise). The standard grpc.health.v1 service and server reflection stay open, so load balancers, probes and
+grpcurl work without a key. Health follows `frontend.healthy()`, re-read every `health_interval_s` seconds by a
+task that ends with the server.
+"""
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.frontend import Frontend, OverloadedError, UnavailableError, UnknownModelError
+from engine.errors import EngineDeadError, InvalidRequestError
+from engine.llm import merge
+from engine.outputs import CompletionOutput, PositionLogprobs
+from engine.sampling_params import SamplingParams
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "msem.inference.v1.Inference"
+
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownModelError, grpc.StatusCode.NOT_FOUND),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
+)
+# SamplingParams fields declared `optional` in the proto: absent means the engine's default.
+_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "logprobs",
+                      "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    """The Inference service: each RPC checks the key, builds the request, and runs it on the frontend."""
+
+    def __init__(self, frontend: Frontend, api_keys: Sequence[str] = ()):
+        self.frontend = frontend
+        self._api_keys = tuple(key.encode() for key in api_keys)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        async with self._rpc(context):
+            text, ids = self._prompt(request)
+            return await self._complete(ids, sampling_params(request.sampling), text)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        async with self._rpc(context):
+            text, ids = self._prompt(request)
+            await self._stream(context, ids, sampling_params(request.sampling), text)
+
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        async with self._rpc(context):
+            return await self._complete(self._chat_prompt(request), sampling_params(request.sampling))
+
+    async def ChatStream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
+        async with self._rpc(context):
+            await self._stream(context, self._chat_prompt(request), sampling_params(request.sampling))
+
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        async with self._rpc(context):
+            f = self.frontend
+            return pb.ListModelsResponse(models=[pb.Model(id=f.model_name, max_model_len=f.max_model_len,
+                                                          vocab_size=f.vocab_size)])
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        async with self._rpc(context):
+            self.frontend.check_model(_model(request))
+            _, ids = self.frontend.encode(request.text)
+            tokenizer = self.frontend.tokenizer
+            return pb.TokenizeResponse(token_ids=ids,
+                                       pieces=[tokenizer.decode([i], continues_text=True) for i in ids])
+
+    # ---- request in, deltas out ----
+
+    def _prompt(self, request: pb.GenerateRequest) -> tuple[str | None, list[int]]:
+        self.frontend.check_model(_model(request))
+        form = request.WhichOneof("prompt")
+        if form is None:
+            raise InvalidRequestError("the request has no prompt: set `text` or `token_ids`", param="prompt")
+        return self.frontend.encode(request.text if form == "text" else list(request.token_ids.ids))
+
+    def _chat_prompt(self, request: pb.ChatRequest) -> list[int]:
+        self.frontend.check_model(_model(request))
+        return self.frontend.encode_chat([{"role": m.role, "content": m.content} for m in request.messages])
+
+    async def _complete(self, ids: list[int], params: SamplingParams, text: str | None = None) -> pb.GenerateResponse:
+        output = None
+        async with contextlib.aclosing(self.frontend.generate(ids, params, prompt=text)) as deltas:
+            async for delta in deltas:
+                output = merge(output, delta)
+        assert output is not None and output.finished, "a request's stream ends with its finished delta"
+        completion = sum(len(c.token_ids) for c in output.outputs)
+        return pb.GenerateResponse(id=output.request_id, model=self.frontend.model_name,
+                                   choices=[_choice(c, params.logprobs) for c in output.outputs],
+                                   usage=_usage(len(ids), completion))
+
+    async def _stream(self, context: grpc.aio.ServicerContext, ids: list[int], params: SamplingParams,
+                      text: str | None = None) -> None:
+        completion = 0
+        async with contextlib.aclosing(self.frontend.generate(ids, params, prompt=text)) as deltas:
+            async for delta in deltas:
+                completion += sum(len(c.token_ids) for c in delta.outputs)
+                message = pb.GenerateStreamResponse(id=delta.request_id, model=self.frontend.model_name,
+                                                    choices=[_choice(c, params.logprobs) for c in delta.outputs])
+                if delta.finished:
+                    message.usage.CopyFrom(_usage(len(ids), completion))
+                await context.write(message)
+
+    # ---- keys and errors ----
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, context: grpc.aio.ServicerContext):
+        """Check the API key, then run the RPC's body, answering its errors with their status codes."""
+        if self._api_keys and not self._authorized(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong API key: send metadata `authorization: Bearer <key>`")
+        try:
+            yield
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every failure becomes a status; cancellation passes
+            code = next((code for kind, code in _STATUS if isinstance(error, kind)), None)
+            if code is None:
+                logger.exception("gRPC request failed")
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    f"internal server error ({type(error).__name__}); the server logged it")
+            await context.abort(code, str(error))
+
+    def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
+        header = dict(context.invocation_metadata() or ()).get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        return scheme.lower() == "bearer" and any(hmac.compare_digest(key.encode(), k) for k in self._api_keys)
+
+
+def sampling_params(message: pb.SamplingParams) -> SamplingParams:
+    """The engine's `SamplingParams` for a request's; unset optional fields keep their defaults."""
+    given = {name: getattr(message, name) for name in _OPTIONAL_SAMPLING if message.HasField(name)}
+    return SamplingParams(**given, stop=tuple(message.stop), stop_token_ids=tuple(message.stop_token_ids),
+                          ignore_eos=message.ignore_eos)
+
+
+def _model(request: pb.GenerateRequest | pb.ChatRequest | pb.TokenizeRequest) -> str | None:
+    return request.model if request.HasField("model") else None
+
+
+def _choice(out: CompletionOutput, num_top: int | None) -> pb.Choice:
+    choice = pb.Choice(index=out.index, text=out.text, token_ids=out.token_ids, finish_reason=out.finish_reason or "")
+    if out.logprobs is not None:
+        choice.logprobs.extend(_position(lp, token_id, num_top or 0)
+                               for token_id, lp in zip(out.token_ids, out.logprobs, strict=True))
+    if isinstance(out.stop_reason, str):
+        choice.stop_string = out.stop_reason
+    elif isinstance(out.stop_reason, int):
+        choice.stop_token_id = out.stop_reason
+    return choice
+
+
+def _position(logprobs: PositionLogprobs, token_id: int, num_top: int) -> pb.PositionLogprobs:
+    """The sampled token and the `num_top` best; the sampled one is an extra, last entry when it ranks below."""
+    def entry(tid: int) -> pb.TokenLogprob:
+        lp = logprobs[tid]
+        return pb.TokenLogprob(token_id=tid, token=lp.decoded_token or "", logprob=lp.logprob, rank=lp.rank)
+
+    ranked = sorted(logprobs, key=lambda tid: logprobs[tid].rank)
+    return pb.PositionLogprobs(sampled=entry(token_id), top=[entry(tid) for tid in ranked[:num_top]])
+
+
+def _usage(num_prompt: int, num_completion: int) -> pb.Usage:
+    return pb.Usage(prompt_tokens=num_prompt, completion_tokens=num_completion,
+                    total_tokens=num_prompt + num_completion)
+
+
+# ---- the server ----
+
+class _Health(health.aio.HealthServicer):
+    """grpc.health.v1 from `frontend.healthy()`, for the whole server ("") and the Inference service."""
+
+    def __init__(self, frontend: Frontend):
+        super().__init__()
+        self._frontend = frontend
+        self._poller: asyncio.Task | None = None
+
+    async def start(self, server: grpc.aio.Server, interval_s: float) -> None:
+        await self._refresh()
+        self._poller = asyncio.create_task(self._poll(server, interval_s))
+
+    async def _poll(self, server: grpc.aio.Server, interval_s: float) -> None:
+        while await server.wait_for_termination(interval_s):  # True: timed out, the server still runs
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        try:
+            is_healthy = await self._frontend.healthy()
+        except Exception as error:  # noqa: BLE001 - a failing check means not serving
+            logger.warning("health check failed: %r", error)
+            is_healthy = False
+        status = health_pb2.HealthCheckResponse.SERVING if is_healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.set(service, status)
+
+
+async def start_grpc_server(frontend: Frontend, host: str, port: int, *, api_keys: Sequence[str] = (),
+                            max_message_bytes: int | None = None,
+                            health_interval_s: float = 5.0) -> tuple[grpc.aio.Server, int]:
+    """Start the Inference, health and reflection services on `host:port` (0: any free port) in the running
+    event loop; returns the started server and the port it bound. Stop it with `await server.stop(grace)`.
+
+    `max_message_bytes` bounds a request message (default: `frontend.limits.max_body_bytes`, as for HTTP).
+    """
+    limit = max_message_bytes if max_message_bytes is not None else frontend.limits.max_body_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(frontend, api_keys), server)
+    health_servicer = _Health(frontend)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    await server.start()
+    await health_servicer.start(server, health_interval_s)
+    return server, bound

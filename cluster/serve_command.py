@@ -1,0 +1,102 @@
+"""`msem serve`: deploy the application on Ray Serve and print its endpoints once it answers.
+
+    msem serve                               # local Ray, the embedded tiny preset, 127.0.0.1:8000 / :50051
+    msem serve --config configs/tiny.yaml    # a ServeConfig, or a Serve config file (its first app's args)
+    msem serve --model DIR --expert-groups 4 --http-port 8080
+
+It joins the Ray cluster at RAY_ADDRESS or starts a local one, deploys the application "msem" (`deploy`:
+declaratively, like `serve deploy`, so running it again with other replica bounds rescales only the
+deployments whose bounds changed), waits (with a deadline) until `/health` answers, prints the HTTP, gRPC and experts endpoints, and
+serves until Ctrl-C (or returns at once with `--detach`, leaving the application on the cluster).
+"""
+
+import os
+import time
+import urllib.error
+import urllib.request
+
+from cluster.config import ExpertGroupsConfig, ServeConfig, load_config
+
+
+def add_serve_command(commands) -> None:
+    serve = commands.add_parser("serve", help="serve a model over HTTP (OpenAI API) and gRPC on Ray Serve")
+    serve.add_argument("--config", help="YAML ServeConfig or Serve config file (default: the tiny preset)")
+    serve.add_argument("--model", help="preset name or checkpoint directory (overrides the config)")
+    serve.add_argument("--expert-groups", type=int, metavar="N",
+                       help="expert group deployments (0: experts stay inside the attention shards)")
+    serve.add_argument("--host", help="address to bind HTTP and gRPC (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--grpc-port", type=int)
+    serve.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the app to be ready")
+    serve.add_argument("--detach", action="store_true", help="return once ready, leaving the app running")
+    serve.set_defaults(run=run_serve)
+
+
+def config_from_args(args) -> ServeConfig:
+    config = load_config(args.config) if args.config else ServeConfig()
+    updates = {key: value for key, value in (("model", args.model), ("host", args.host),
+                                             ("http_port", args.http_port), ("grpc_port", args.grpc_port))
+               if value is not None}
+    if args.expert_groups is not None:
+        groups = config.expert_groups or ExpertGroupsConfig()
+        updates["expert_groups"] = groups.model_copy(update={"num_groups": args.expert_groups}) \
+            if args.expert_groups > 0 else None
+    return ServeConfig.model_validate({**config.model_dump(), **updates})
+
+
+def run_serve(args) -> int:
+    import ray
+    from ray import serve
+
+    from cluster.app import deploy
+
+    config = config_from_args(args)
+    address = os.environ.get("RAY_ADDRESS")
+    print(f"starting Ray {'at ' + address if address else 'locally'} ...", flush=True)
+    ray.init(address=address, namespace="msem", log_to_driver=False,
+             **({} if address else {"num_cpus": max(4, os.cpu_count() or 1)}))
+    print(f"deploying {config.model} ({_layout(config)}) ...", flush=True)
+    deploy(config)
+    base = f"http://{_display_host(config.host)}:{config.http_port}"
+    wait_until_healthy(base, args.timeout)
+    print(f"ready: model {config.model_name!r}\n"
+          f"  OpenAI HTTP  {base}/v1   (GET /v1/models, POST /v1/completions, /v1/chat/completions)\n"
+          f"  health       {base}/health\n"
+          f"  experts      {base}/v1/experts" +
+          (f"\n  gRPC         {_display_host(config.host)}:{config.grpc_port} (msem.inference.v1.Inference)"
+           if config.grpc_port is not None else ""), flush=True)
+    if args.detach:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down ...", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def wait_until_healthy(base_url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the application did not answer {base_url}/health within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _layout(config: ServeConfig) -> str:
+    groups = config.expert_groups
+    experts = f"{groups.num_groups} expert groups over {groups.transport}" if groups else "experts in the shards"
+    return f"{config.attention.replicas.start} attention shard(s), {experts}"
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host

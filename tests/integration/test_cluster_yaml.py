@@ -1,0 +1,95 @@
+"""The `ray up` configs (cluster.yaml, cluster.local.yaml) pass Ray's own validation and deploy real configs.
+
+Validation follows `ray up` (ray.autoscaler._private.commands._bootstrap_config): `prepare_config` merges the
+provider's defaults (and, for the local provider, builds its single node type from head_ip/worker_ips), then
+`validate_config` checks the result against ray-schema.json. Only the cloud API calls are left out.
+"""
+
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER_FILES = ["cluster.yaml", "cluster.local.yaml"]
+
+
+def read(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def validate_like_ray_up(config: dict) -> dict:
+    config = prepare_config(copy.deepcopy(config))
+    validate_config(config)
+    return config
+
+
+def head_commands(config: dict) -> list[list[str]]:
+    return [shlex.split(cmd) for cmd in config["head_start_ray_commands"]]
+
+
+def deployed_configs(config: dict) -> list[Path]:
+    """The configs/ files the head deploys: `serve deploy ~/msem/<path>`, with ~/msem the synced checkout."""
+    assert config["file_mounts"] == {"~/msem": "."}, "the checkout must be synced to ~/msem"
+    return [ROOT / argv[2].removeprefix("~/msem/") for argv in head_commands(config) if argv[:2] == ["serve", "deploy"]]
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_ray_accepts_the_cluster_config(name):
+    config = validate_like_ray_up(read(name))
+    assert config["head_node_type"] in config["available_node_types"]
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_head_starts_ray_with_the_dashboard_then_deploys_a_valid_serve_config(name):
+    config = read(name)
+    commands = config["head_start_ray_commands"]
+    start = next(i for i, cmd in enumerate(commands) if "ray start --head" in cmd)
+    assert re.search(r"--dashboard-port=8265\b", commands[start])
+    assert re.search(r"--dashboard-host=\S+", commands[start])
+    paths = deployed_configs(config)
+    assert paths, f"{name} deploys nothing"
+    assert all("serve deploy" not in cmd for cmd in commands[:start]), "serve deploy needs Ray started first"
+    for path in paths:
+        assert path.is_file(), f"{name} deploys {path.relative_to(ROOT)}, which does not exist"
+        ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+        load_config(path)
+
+
+def test_gpu_cluster_serves_mixtral_with_explicit_gpus():
+    config = read("cluster.yaml")
+    workers = {name: t for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
+    assert config["available_node_types"][config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert all(t["resources"]["GPU"] >= 1 and t["max_workers"] >= t["min_workers"] for t in workers.values())
+    assert "--dashboard-host=0.0.0.0" in " ".join(config["head_start_ray_commands"])
+    [path] = deployed_configs(config)
+    serve = load_config(path)
+    assert serve.dtype == "bfloat16" and serve.host == "0.0.0.0"
+    assert serve.expert_groups.num_groups == 8
+    # At `serve deploy` time no GPU worker may be up yet, so GPUs must not be left to autodetection.
+    assert serve.attention.num_gpus == 1 and serve.expert_groups.num_gpus == 1
+
+
+@pytest.mark.parametrize("name, path, typo", [
+    ("cluster.yaml", ["worker_start_ray_commands"], "worker_start_ray_command"),
+    ("cluster.yaml", ["available_node_types", "experts", "max_workers"], "max_worker"),
+    ("cluster.local.yaml", ["head_start_ray_commands"], "head_start_ray_command"),
+    ("cluster.local.yaml", ["auth", "ssh_private_key"], "ssh_privat_key"),
+])
+def test_a_misspelled_key_fails_validation(name, path, typo):
+    config = read(name)
+    *parents, key = path
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[typo] = node.pop(key)
+    with pytest.raises(jsonschema.ValidationError, match=typo):
+        validate_like_ray_up(config)
