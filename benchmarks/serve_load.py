@@ -7,7 +7,8 @@ For each concurrency C, C clients each send `--requests` streaming completions o
 Measured per layout: requests/s, time to first token (TTFT) p50/p99 and inter-token latency (ITL, the gaps
 between streamed chunks) p50/p99. Layouts, all in one run:
 
-- `engine`: `AsyncLLM` in this process, the same C concurrent streams (no HTTP, no Serve): the baseline.
+- `engine`: `AsyncLLM` in this process, the same C concurrent streams (no HTTP, no Serve): the baseline. It
+  runs with `--threads` torch threads (1), as many as Ray gives the shard (OMP_NUM_THREADS = its num_cpus).
 - `serve`: the Serve application (Ingress -> AttentionShard, experts inside the shard) over HTTP SSE.
 - `serve+ep2`: the same with two expert group deployments over gRPC (adds the per-layer hop).
 
@@ -21,11 +22,13 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx2 as httpx  # noqa: E402  (the openai client's HTTP library)
+import httpx2 as httpx  # noqa: E402
+import torch  # noqa: E402  (the openai client's HTTP library)
 
 from cluster.config import ServeConfig  # noqa: E402
 from engine import AsyncLLM, SamplingParams  # noqa: E402
@@ -65,11 +68,11 @@ async def _clients(concurrency: int, requests: int, one) -> dict:
     return _summary(time.perf_counter() - start, concurrency * requests, ttft, itl)
 
 
-async def _engine_request(llm: AsyncLLM, prompt_ids: list[int], max_tokens: int) -> tuple[float, list[float]]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+async def _timed(chunks: AsyncIterator) -> tuple[float, list[float]]:
+    """(seconds to the first chunk, gaps between the following ones) of one streamed request."""
     start = last = time.perf_counter()
     first, gaps = None, []
-    async for delta in llm.add_request(prompt_ids, params):
+    async for _ in chunks:
         now = time.perf_counter()
         if first is None:
             first = now - start
@@ -79,26 +82,26 @@ async def _engine_request(llm: AsyncLLM, prompt_ids: list[int], max_tokens: int)
     return first, gaps
 
 
+def _engine_request(llm: AsyncLLM, prompt_ids: list[int], max_tokens: int):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return _timed(llm.add_request(prompt_ids, params))
+
+
 async def _http_request(http: httpx.AsyncClient, prompt_ids: list[int], max_tokens: int):
     body = {"model": "bench", "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True}
-    start = last = time.perf_counter()
-    first, gaps = None, []
-    async with http.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            now = time.perf_counter()
-            if first is None:
-                first = now - start
-            else:
-                gaps.append(now - last)
-            last = now
-    return first, gaps
+
+    async def events():
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    yield line
+    return await _timed(events())
 
 
 def run_engine(args, prompt_ids) -> dict:
+    torch.set_num_threads(args.threads)
     llm = AsyncLLM(model=args.model, dtype="float32", max_model_len=args.max_model_len, progress=False)
     try:
         asyncio.run(_clients(1, 1, lambda: _engine_request(llm, prompt_ids, 4)))  # warm-up
@@ -144,6 +147,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the engine baseline: what a shard with num_cpus <= 1 gets from Ray")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     import ray

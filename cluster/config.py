@@ -102,8 +102,8 @@ class ServeConfig(_Strict):
     expert_groups: ExpertGroupsConfig | None = ExpertGroupsConfig()  # None: experts inside the shards
     limits: Limits = Limits()
     host: str = "127.0.0.1"  # HTTP and gRPC bind here; loopback unless told otherwise
-    http_port: int = Field(8000, ge=0, le=65535)
-    grpc_port: int | None = Field(50051, ge=0, le=65535)  # None: no gRPC server
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int | None = Field(50051, ge=1, le=65535)  # None: no gRPC server
     api_keys: tuple[str, ...] = ()  # when set, every API call needs `Authorization: Bearer <key>`
 
     @property

@@ -11,6 +11,7 @@ serves until Ctrl-C (or returns at once with `--detach`, leaving the application
 """
 
 import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -71,6 +72,7 @@ def run_serve(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         print("shutting down ...", flush=True)
     finally:
         serve.shutdown()

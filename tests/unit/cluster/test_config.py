@@ -1,0 +1,75 @@
+"""ServeConfig loading and the per-group scaling it turns into (no Ray needed)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from cluster.autoscaling import RoutedTokensPolicy
+from cluster.config import ServeConfig, load_config, parse_config
+from mistral.errors import ConfigError
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[3]
+
+
+def test_configs_in_the_repository_load():
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    assert (tiny.model, tiny.host, tiny.http_port, tiny.grpc_port) == ("tiny", "127.0.0.1", 8000, 50051)
+    assert tiny.expert_groups.num_groups == 2 and tiny.expert_groups.transport == "grpc"
+
+
+def test_plain_config_file_and_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny\nexpert_groups:\n  num_groups: 4\n  group_replicas: {1: {min: 1, max: 3}}\n")
+    config = load_config(path)
+    assert config.expert_groups.bounds(1).max == 3 and config.expert_groups.bounds(0).max == 1
+    assert ServeConfig().host == "127.0.0.1"  # loopback unless told otherwise
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"modle": "tiny"}, "modle: Extra inputs are not permitted"),
+    ({"expert_groups": {"replicas": {"min": 3, "max": 2}}}, "exceeds replicas.max"),
+    ({"expert_groups": {"num_groups": 2, "group_replicas": {5: {"max": 2}}}}, "names groups [5]"),
+    ({"expert_groups": {"transport": "carrier-pigeon"}}, "expert_groups.transport"),
+    ({"http_port": 0}, "http_port"),
+    ({"limits": {"max_requests": 0}}, "limits.max_requests"),
+], ids=["typo", "bounds", "unknown-group", "transport", "port", "limits"])
+def test_bad_configs_name_the_field(data, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(data)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def _ctx(rates: dict, lo=1, hi=4, target=2):
+    return SimpleNamespace(aggregated_metrics={"routed_tokens_per_s": rates} if rates is not None else None,
+                           capacity_adjusted_min_replicas=lo, capacity_adjusted_max_replicas=hi,
+                           target_num_replicas=target)
+
+
+def test_routed_tokens_policy_sizes_a_group_by_its_load():
+    policy = RoutedTokensPolicy(target_tokens_per_s=1000)
+    assert policy(_ctx({"r1": 1500, "r2": 1400}))[0] == 3  # 2900 tokens/s -> 3 replicas
+    assert policy(_ctx({"r1": 10}))[0] == 1  # cold: the lower bound
+    assert policy(_ctx({"r1": 9000, "r2": 9000}))[0] == 4  # hot: the upper bound
+    assert policy(_ctx(None, target=2))[0] == 2  # no reports yet: unchanged
+    with pytest.raises(ValueError):
+        RoutedTokensPolicy(0)
+
+
+def test_replica_bounds_become_deployment_options():
+    from cluster.app import _scaling
+    from cluster.config import Replicas
+
+    assert _scaling(Replicas(min=2, max=2), 100, 500.0) == {"max_ongoing_requests": 100, "num_replicas": 2}
+    autoscaled = _scaling(Replicas(min=1, max=3), 100, 500.0)["autoscaling_config"]
+    assert (autoscaled["min_replicas"], autoscaled["max_replicas"]) == (1, 3)
+    assert autoscaled["policy"] == {"policy_function": "cluster.autoscaling:RoutedTokensPolicy",
+                                    "policy_kwargs": {"target_tokens_per_s": 500.0}}
+    shards = _scaling(Replicas(min=1, max=4), 64, target_ongoing=16.0)["autoscaling_config"]
+    assert shards["target_ongoing_requests"] == 16.0 and "policy" not in shards
