@@ -35,6 +35,7 @@ from ray.serve.exceptions import BackPressureError
 from cluster.autoscaling import RoutedTokensPolicy
 from cluster.config import ExpertGroupsConfig, Replicas, ServeConfig, parse_config
 from cluster.frontend import Frontend, OverloadedError, ShardLost, ShardRequest
+from cluster.serve_command import APP_NAME
 from engine.async_llm import AsyncLLM
 from engine.errors import EngineDeadError
 from engine.llm import LLM, resolve_device_dtype
@@ -43,6 +44,7 @@ from engine.tokenizer import Tokenizer
 from experts.expert_group import ExpertGroup
 from experts.placement import Placement, make_placement
 from mistral.checkpoint import CheckpointReader
+from mistral.errors import ConfigError
 from mistral.presets import resolve_model
 from router_service.grpc_transport import GrpcTransport, is_serving, message_limit_bytes, serve_expert_group
 from router_service.remote_experts import RemoteExperts, RouterClient
@@ -50,7 +52,6 @@ from router_service.service import RouterService
 from router_service.transport import ReplicaInfo
 
 logger = logging.getLogger(__name__)
-APP_NAME = "msem"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 HEARTBEAT_S = 1.0
 RETRY_AFTER_S = 1
@@ -61,17 +62,27 @@ def app_builder(args: dict) -> serve.Application:
     return build_app(parse_config(args, source="application args"))
 
 
-def build_app(config: ServeConfig) -> serve.Application:
+def plan(config: ServeConfig) -> tuple[Path, Placement | None]:
+    """The checkpoint directory and the expert placement (None without expert groups); raises on a config
+    that cannot work, so callers can check one before deploying it."""
     model_dir = resolve_model(config.model)  # materialises a preset once, before any replica starts
     model = CheckpointReader(model_dir).config
+    if config.expert_groups is None:
+        return model_dir, None
+    if not model.is_moe:
+        raise ConfigError(f"{config.model} is a dense model, which has no experts to place: set expert_groups "
+                          "to null in the config (msem serve: --expert-groups 0)")
+    eg = config.expert_groups
+    # Replica counts live in each deployment's options, not in the placement: scaling stays per group.
+    return model_dir, make_placement(model.num_experts, model.num_layers, eg.num_groups, eg.placement, 1)
+
+
+def build_app(config: ServeConfig) -> serve.Application:
+    model_dir, placement = plan(config)
     gpus = _cluster_has_gpus()
     router, groups = None, []
-    if config.expert_groups is not None:
-        if not model.is_moe:
-            raise ValueError(f"{config.model} is a dense model: set expert_groups to null (no expert groups)")
+    if placement is not None:
         eg = config.expert_groups
-        # Replica counts live in each deployment's options, not in the placement: scaling stays per group.
-        placement = make_placement(model.num_experts, model.num_layers, eg.num_groups, eg.placement, 1)
         router = Router.options(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}).bind(
             placement, config.host)
         groups = [ExpertGroupReplica.options(name=f"ExpertGroup{g}", **_group_options(eg, g, gpus))
@@ -95,6 +106,8 @@ def deploy(config: ServeConfig) -> None:
     """
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
+
+    plan(config)  # a config that cannot work fails here, not later inside Serve's build task
 
     scaling_free = {"attention": config.attention.model_copy(update={"replicas": Replicas()})}
     overrides = [{"name": "AttentionShard", **_shard_scaling(config)}]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cluster.client import add_client_command
 from cluster.generate import add_generate_command
-from cluster.serve_command import add_serve_command
+from cluster.serve_command import DeployFailedError, add_serve_command
 from engine.errors import EngineConfigError, InvalidRequestError
 from engine.tokenizer import TokenizerNotFoundError, UnknownTokenizerError
 from experts.placement import PlacementError
@@ -29,7 +29,8 @@ from mistral.presets import PRESETS, model_not_found, write_preset
 
 # Errors that mean "the user asked for something we cannot do", answered with a message, not a traceback.
 USER_ERRORS = (ModelNotFoundError, ConfigError, CheckpointError, FileExistsError, InvalidRequestError,
-               EngineConfigError, TokenizerNotFoundError, UnknownTokenizerError, PlacementError)
+               EngineConfigError, TokenizerNotFoundError, UnknownTokenizerError, PlacementError,
+               DeployFailedError)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 USAGE_ERROR = 2
 

@@ -18,6 +18,12 @@ import urllib.request
 
 from cluster.config import ExpertGroupsConfig, ServeConfig, load_config
 
+APP_NAME = "msem"
+
+
+class DeployFailedError(RuntimeError):
+    """Serve could not deploy the application (its message says why)."""
+
 
 def add_serve_command(commands) -> None:
     serve = commands.add_parser("serve", help="serve a model over HTTP (OpenAI API) and gRPC on Ray Serve")
@@ -81,6 +87,9 @@ def run_serve(args) -> int:
 
 
 def wait_until_healthy(base_url: str, timeout: float) -> None:
+    """Poll `/health` until it answers 200; raise at once if Serve reports that the deployment failed."""
+    from ray import serve
+
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -89,6 +98,9 @@ def wait_until_healthy(base_url: str, timeout: float) -> None:
                     return
         except (urllib.error.URLError, OSError):
             pass
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise DeployFailedError(f"the application failed to deploy: {app.message}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"the application did not answer {base_url}/health within {timeout:.0f} s")
         time.sleep(0.5)

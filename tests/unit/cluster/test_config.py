@@ -73,3 +73,20 @@ def test_replica_bounds_become_deployment_options():
                                     "policy_kwargs": {"target_tokens_per_s": 500.0}}
     shards = _scaling(Replicas(min=1, max=4), 64, target_ongoing=16.0)["autoscaling_config"]
     assert shards["target_ongoing_requests"] == 16.0 and "policy" not in shards
+
+
+def test_dense_model_with_expert_groups_is_refused(tmp_path):
+    from cluster.app import build_app
+    from tests.conftest import write_hf_checkpoint
+
+    dense = write_hf_checkpoint(tmp_path / "dense", moe=False)
+    with pytest.raises(ConfigError, match="dense model.*--expert-groups 0"):
+        build_app(ServeConfig(model=str(dense)))
+
+
+def test_msem_serve_refuses_a_bad_config_before_starting_anything(tmp_path, capsys):
+    from cluster.cli import main
+
+    (tmp_path / "bad.yaml").write_text("expert_groups: {num_groups: 0}\n")
+    assert main(["serve", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "expert_groups.num_groups" in capsys.readouterr().err
