@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from experts.expert_group import ExpertGroup
-from experts.parallel_config import ExpertParallelConfig
+from experts.parallel_config import LAYER_PATH_ENV, ExpertParallelConfig
 from experts.placement import Placement, make_placement
 from mistral.checkpoint import CheckpointReader
 from router_service.remote_experts import RemoteExperts, RouterClient
@@ -103,6 +103,7 @@ def _start_ray(model_dir: str, placement: Placement, dtype: torch.dtype, config:
             replicas[replica_id] = ray.remote(ExpertGroupActor).options(
                 name=f"msem-{uid}-{replica_id}", namespace=NAMESPACE, num_cpus=0, num_gpus=gpus,
                 max_restarts=config.max_restarts, max_task_retries=0, max_concurrency=4,
+                runtime_env={"env_vars": LAYER_PATH_ENV},
             ).remote(model_dir, placement, g, replica_id, dtype_name, f"msem-{uid}-router", NAMESPACE,
                      (config.transport,), host, max_batch_tokens, (session,))
     backend = connect_shard(router, config, session, model_dir, dtype, max_batch_tokens)

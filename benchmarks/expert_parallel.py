@@ -12,20 +12,25 @@ on the shard (plan + send + remote compute + receive + combine) at p50/p99; and 
 the mean engine step time. Greedy tokens are compared to the single-process run. Targets on the 2-core CPU:
 the best transport keeps >= 50% of single-process throughput and dispatch+combine <= 25% of step time.
 
-Every layout shares the machine's cores: the expert groups are separate processes that compete with the shard,
-so on 2 cores the figures say more about overhead than about scaling.
+Every layout runs in its own process and shares the machine's cores: the expert groups are separate processes
+that compete with the shard, so on 2 cores the figures say more about overhead than about scaling. The
+expert-parallel shards run with `LAYER_PATH_ENV` (passive OpenMP waiting, as msem's actors do), the
+single-process engine with the default environment (its best).
 """
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 from engine import LLM, SamplingParams
-from experts.parallel_config import ExpertParallelConfig
+from experts.parallel_config import LAYER_PATH_ENV, ExpertParallelConfig
 from mistral.config import ModelConfig
 from mistral.presets import resolve_model
 
@@ -79,6 +84,17 @@ def run_layout(model_dir: str, transport: str | None, prompts, params, groups: i
         llm.shutdown()
 
 
+def run_in_child(args, layout: str) -> dict:
+    """One layout in a fresh process: the single-process engine with the default environment, the expert-parallel
+    shard with `LAYER_PATH_ENV` (as msem's Ray actors get it), which must be set before torch loads OpenMP."""
+    env = dict(os.environ, **({} if layout == "single" else LAYER_PATH_ENV))
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, __file__, "--model", args.model, "--groups", str(args.groups),
+                        "--requests", str(args.requests), "--layout", layout, "--layout-json", out.name],
+                       env=env, check=True)
+        return json.load(open(out.name))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="bench")
@@ -86,17 +102,24 @@ def main(argv=None) -> None:
     p.add_argument("--groups", type=int, default=2)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--layout", help=argparse.SUPPRESS)  # run one layout, in the child process
+    p.add_argument("--layout-json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    model_dir = str(resolve_model(args.model))
-    vocab = ModelConfig.from_dir(model_dir).vocab_size
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, vocab, (args.requests, 128), generator=gen).tolist()
-    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    if args.layout is not None:
+        model_dir = str(resolve_model(args.model))
+        vocab = ModelConfig.from_dir(model_dir).vocab_size
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randint(3, vocab, (args.requests, 128), generator=gen).tolist()
+        params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+        transport = None if args.layout == "single" else args.layout
+        with open(args.layout_json, "w") as f:
+            json.dump(run_layout(model_dir, transport, prompts, params, args.groups), f)
+        return
 
     results = {}
     for name in ["single", *args.transports.split(",")]:
         log(f"running {name} ...")
-        results[name] = run_layout(model_dir, None if name == "single" else name, prompts, params, args.groups)
+        results[name] = run_in_child(args, name)
         log(f"  {results[name]['tokens_per_s']:.1f} tok/s")
 
     base = results["single"]

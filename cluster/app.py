@@ -42,6 +42,7 @@ from engine.llm import LLM, resolve_device_dtype
 from engine.outputs import RequestOutput
 from engine.tokenizer import Tokenizer
 from experts.expert_group import ExpertGroup
+from experts.parallel_config import LAYER_PATH_ENV
 from experts.placement import Placement, make_placement
 from mistral.checkpoint import CheckpointReader
 from mistral.errors import ConfigError
@@ -90,7 +91,8 @@ def build_app(config: ServeConfig) -> serve.Application:
     attention = config.attention
     shard = AttentionShard.options(
         **_shard_scaling(config),
-        ray_actor_options={"num_cpus": attention.num_cpus, "num_gpus": _gpus(attention.num_gpus, gpus)},
+        ray_actor_options={"num_cpus": attention.num_cpus, "num_gpus": _gpus(attention.num_gpus, gpus),
+                           **({"runtime_env": {"env_vars": LAYER_PATH_ENV}} if placement is not None else {})},
     ).bind(str(model_dir), config, router)
     return Ingress.options(max_ongoing_requests=config.limits.max_requests + 64,
                            ray_actor_options={"num_cpus": 0}).bind(
@@ -163,7 +165,8 @@ def _group_options(eg: ExpertGroupsConfig, group: int, cluster_has_gpus: bool) -
         options["placement_group_bundles"] = [{"CPU": eg.num_cpus, "GPU": 1.0}] + [{"GPU": 1.0}] * (int(gpus) - 1)
         options["placement_group_strategy"] = "STRICT_PACK"
         gpus = 1.0
-    return {**options, "ray_actor_options": {"num_cpus": eg.num_cpus, "num_gpus": gpus}}
+    return {**options, "ray_actor_options": {"num_cpus": eg.num_cpus, "num_gpus": gpus,
+                                             "runtime_env": {"env_vars": LAYER_PATH_ENV}}}
 
 
 def _local_model_dir(model_dir: str, config: ServeConfig) -> Path:

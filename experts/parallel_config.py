@@ -4,6 +4,13 @@ from dataclasses import dataclass
 
 TRANSPORTS = ("local", "ray", "grpc", "torch")
 
+# The environment of processes on the layer path (attention shards with remote experts, expert group
+# replicas). OpenMP threads that spin between parallel regions (the default) keep their cores busy while the
+# shard waits for its experts, and expert groups on the same cores then compute slower: on a 2-core machine
+# passive waiting cut the gRPC hop from 9.3 to 0.5 ms a layer (docs/PERFORMANCE.md). It must be set before the
+# process loads OpenMP, so it goes into Ray's runtime_env of those actors, not into a running process.
+LAYER_PATH_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
 
 @dataclass(frozen=True)
 class ExpertParallelConfig:
