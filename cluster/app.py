@@ -35,7 +35,6 @@ from ray.serve.exceptions import BackPressureError
 from cluster.autoscaling import RoutedTokensPolicy
 from cluster.config import ExpertGroupsConfig, Replicas, ServeConfig, parse_config
 from cluster.frontend import Frontend, OverloadedError, ShardLost, ShardRequest
-from cluster.serve_command import APP_NAME
 from engine.async_llm import AsyncLLM
 from engine.errors import EngineDeadError
 from engine.llm import LLM, resolve_device_dtype
@@ -53,6 +52,7 @@ from router_service.service import RouterService
 from router_service.transport import ReplicaInfo
 
 logger = logging.getLogger(__name__)
+APP_NAME = "msem"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 HEARTBEAT_S = 1.0
 RETRY_AFTER_S = 1
@@ -239,9 +239,6 @@ class ExpertGroupReplica:
         now, tokens = time.monotonic(), self.group.tokens_served
         (then, before), self._last = self._last, (now, tokens)
         return {"routed_tokens_per_s": (tokens - before) / max(now - then, 1e-3)}
-
-    def describe(self) -> dict:
-        return {"replica_id": self.info.replica_id, "tokens_served": self.group.tokens_served}
 
     def __del__(self):
         self._stop.set()

@@ -65,7 +65,6 @@ class ShardRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    prompt: str | None = None
     resume: Resume | None = None
 
 
@@ -125,11 +124,9 @@ class Frontend:
         if name is not None and name != self.model_name:
             raise UnknownModelError(f"the model {name!r} does not exist; this server serves {self.model_name!r}")
 
-    def encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
-        """A prompt as (text or None, token ids); token ids are taken as given and range-checked later."""
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        return None, list(prompt)
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt's token ids; token ids are taken as given and range-checked later."""
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages)
@@ -150,8 +147,7 @@ class Frontend:
 
     # ---- generation ----
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None,
-                       request_id: str | None = None) -> AsyncGenerator[RequestOutput, None]:
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Validate, admit and run one request; yields deltas with the user's sample indices.
 
         Raises `InvalidRequestError` or `OverloadedError` before the first delta. Closing the iterator (a
@@ -161,7 +157,7 @@ class Frontend:
         cost = len(prompt_token_ids) + params.n * params.max_tokens
         with self._admit(cost):
             request_id = request_id or f"cmpl-{uuid.uuid4().hex}"
-            first = _Leg(ShardRequest(request_id, prompt_token_ids, params, prompt), list(range(params.n)))
+            first = _Leg(ShardRequest(request_id, prompt_token_ids, params), list(range(params.n)))
             async with contextlib.aclosing(self._run(first, params.n)) as deltas:  # closing us stops the legs now
                 async for delta in deltas:
                     yield delta
@@ -270,7 +266,7 @@ class Frontend:
             one = dataclasses.replace(params, n=1, seed=params.sample_seed(leg_index), prompt_logprobs=None)
             resume = Resume(tuple(p.token_ids), p.num_chars) if p.token_ids else None
             legs.append(_Leg(ShardRequest(f"{request.request_id}.{user_index}r{self.num_resubmits}",
-                                          request.prompt_token_ids, one, request.prompt, resume), [user_index]))
+                                          request.prompt_token_ids, one, resume), [user_index]))
         return legs
 
 

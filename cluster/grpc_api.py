@@ -59,13 +59,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async with self._rpc(context):
-            text, ids = self._prompt(request)
-            return await self._complete(ids, sampling_params(request.sampling), text)
+            return await self._complete(self._prompt(request), sampling_params(request.sampling))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         async with self._rpc(context):
-            text, ids = self._prompt(request)
-            await self._stream(context, ids, sampling_params(request.sampling), text)
+            await self._stream(context, self._prompt(request), sampling_params(request.sampling))
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async with self._rpc(context):
@@ -85,14 +83,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         async with self._rpc(context):
             self.frontend.check_model(_model(request))
-            _, ids = self.frontend.encode(request.text)
+            ids = self.frontend.encode(request.text)
             tokenizer = self.frontend.tokenizer
             return pb.TokenizeResponse(token_ids=ids,
                                        pieces=[tokenizer.decode([i], continues_text=True) for i in ids])
 
     # ---- request in, deltas out ----
 
-    def _prompt(self, request: pb.GenerateRequest) -> tuple[str | None, list[int]]:
+    def _prompt(self, request: pb.GenerateRequest) -> list[int]:
         self.frontend.check_model(_model(request))
         form = request.WhichOneof("prompt")
         if form is None:
@@ -103,9 +101,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.frontend.check_model(_model(request))
         return self.frontend.encode_chat([{"role": m.role, "content": m.content} for m in request.messages])
 
-    async def _complete(self, ids: list[int], params: SamplingParams, text: str | None = None) -> pb.GenerateResponse:
+    async def _complete(self, ids: list[int], params: SamplingParams) -> pb.GenerateResponse:
         output = None
-        async with contextlib.aclosing(self.frontend.generate(ids, params, prompt=text)) as deltas:
+        async with contextlib.aclosing(self.frontend.generate(ids, params)) as deltas:
             async for delta in deltas:
                 output = merge(output, delta)
         assert output is not None and output.finished, "a request's stream ends with its finished delta"
@@ -114,10 +112,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                    choices=[_choice(c, params.logprobs) for c in output.outputs],
                                    usage=_usage(len(ids), completion))
 
-    async def _stream(self, context: grpc.aio.ServicerContext, ids: list[int], params: SamplingParams,
-                      text: str | None = None) -> None:
+    async def _stream(self, context: grpc.aio.ServicerContext, ids: list[int], params: SamplingParams) -> None:
         completion = 0
-        async with contextlib.aclosing(self.frontend.generate(ids, params, prompt=text)) as deltas:
+        async with contextlib.aclosing(self.frontend.generate(ids, params)) as deltas:
             async for delta in deltas:
                 completion += sum(len(c.token_ids) for c in delta.outputs)
                 message = pb.GenerateStreamResponse(id=delta.request_id, model=self.frontend.model_name,

@@ -107,15 +107,14 @@ class _Api:
         parsed = parse_completion_request(await self._read_json(request))
         self.frontend.check_model(parsed.model)
         assert parsed.prompt is not None
-        text, ids = self.frontend.encode(parsed.prompt)
-        return await self._generate(request, parsed, ids, text)
+        return await self._generate(request, parsed, self.frontend.encode(parsed.prompt))
 
     async def chat(self, request: Request) -> Response:
         parsed = parse_chat_request(await self._read_json(request))
         self.frontend.check_model(parsed.model)
         assert parsed.messages is not None
         ids = self.frontend.encode_chat(parsed.messages)
-        return await self._generate(request, parsed, ids, None)
+        return await self._generate(request, parsed, ids)
 
     async def experts(self, request: Request) -> Response:
         info = await self.frontend.experts()
@@ -166,12 +165,12 @@ class _Api:
         except (ValueError, RecursionError) as error:
             raise ApiError(400, f"the request body is not valid JSON: {error}") from None
 
-    async def _generate(self, request: Request, parsed: ApiRequest, ids: list[int], text: str | None) -> Response:
+    async def _generate(self, request: Request, parsed: ApiRequest, ids: list[int]) -> Response:
         frontend = self.frontend
         params = parsed.sampling_params(len(ids), frontend.max_model_len)
         request_id = f"{'chatcmpl' if parsed.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
         builder = ResponseBuilder(parsed, request_id, frontend.model_name)
-        deltas = frontend.generate(ids, params, prompt=text, request_id=request_id)
+        deltas = frontend.generate(ids, params, request_id=request_id)
         if parsed.stream:
             first = await anext(deltas, None)  # bad input and overload raise here, before the status is sent
             return _EventStream(_events(first, deltas, builder))

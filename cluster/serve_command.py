@@ -18,8 +18,6 @@ import urllib.request
 
 from cluster.config import ExpertGroupsConfig, ServeConfig, load_config
 
-APP_NAME = "msem"
-
 
 class DeployFailedError(RuntimeError):
     """Serve could not deploy the application (its message says why)."""
@@ -89,6 +87,8 @@ def run_serve(args) -> int:
 def wait_until_healthy(base_url: str, timeout: float) -> None:
     """Poll `/health` until it answers 200; raise at once if Serve reports that the deployment failed."""
     from ray import serve
+
+    from cluster.app import APP_NAME
 
     deadline = time.monotonic() + timeout
     while True:

@@ -1,5 +1,6 @@
 """ServeConfig loading and the per-group scaling it turns into (no Ray needed)."""
 
+import socket
 from types import SimpleNamespace
 
 import pytest
@@ -90,3 +91,17 @@ def test_msem_serve_refuses_a_bad_config_before_starting_anything(tmp_path, caps
     (tmp_path / "bad.yaml").write_text("expert_groups: {num_groups: 0}\n")
     assert main(["serve", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "expert_groups.num_groups" in capsys.readouterr().err
+
+
+def test_a_failed_deployment_is_reported_instead_of_waited_for(monkeypatch):
+    from ray import serve
+
+    from cluster.serve_command import DeployFailedError, wait_until_healthy
+
+    failed = SimpleNamespace(status="DEPLOY_FAILED", message="ExpertGroup0: out of GPUs")
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={"msem": failed}))
+    with socket.socket() as s:  # a port nothing listens on: /health never answers
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DeployFailedError, match="out of GPUs"):
+        wait_until_healthy(f"http://127.0.0.1:{port}", timeout=60)

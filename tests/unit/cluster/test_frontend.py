@@ -32,9 +32,9 @@ class FlakyShards(LocalShards):
 
 def _collect(frontend: Frontend, params: SamplingParams, prompt: str = "The quick brown fox"):
     async def run():
-        text, ids = frontend.encode(prompt)
+        ids = frontend.encode(prompt)
         out, deltas = None, 0
-        async for delta in frontend.generate(ids, params, text):
+        async for delta in frontend.generate(ids, params):
             out, deltas = merge(out, delta), deltas + 1
         return out
     return asyncio.run(run())
@@ -73,7 +73,7 @@ def test_admission_limits_refuse_instead_of_queueing(async_llm):
     frontend = make_frontend(async_llm, Limits(max_requests=1, max_tokens_in_flight=64, retry_after_s=3))
 
     async def run():
-        ids = frontend.encode("Hello")[1]
+        ids = frontend.encode("Hello")
         first = frontend.generate(ids, SamplingParams(max_tokens=40, ignore_eos=True))
         await first.__anext__()  # admitted and running
         with pytest.raises(OverloadedError) as err:
