@@ -25,19 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from experts.expert_group import ExpertGroup  # noqa: E402
-from experts.placement import make_placement  # noqa: E402
+from experts.placement import Placement, make_placement  # noqa: E402
 from mistral.checkpoint import CheckpointReader  # noqa: E402
+from mistral.config import ModelConfig  # noqa: E402
 from mistral.presets import resolve_model  # noqa: E402
 from router_service.dispatch import plan_layer  # noqa: E402
 from router_service.grpc_transport import GrpcTransport, serve_expert_group  # noqa: E402
 from router_service.transport import ReplicaInfo  # noqa: E402
 
 
+def _placement(config: ModelConfig) -> Placement:
+    return make_placement(config.num_experts, config.num_layers, 2, "linear", 1)
+
+
 def _load(model: str, group: int) -> ExpertGroup:
     reader = CheckpointReader(resolve_model(model))
-    config = reader.config
-    placement = make_placement(config.num_experts, config.num_layers, 2, "linear", 1)
-    return ExpertGroup.load(reader, placement, group, torch.float32)
+    return ExpertGroup.load(reader, _placement(reader.config), group, torch.float32)
 
 
 def _serve(model: str, group: int, ports: mp.Queue) -> None:
@@ -69,7 +72,7 @@ def main() -> None:
         replicas[group] = ReplicaInfo(f"g{group}", group, {"grpc": f"127.0.0.1:{port}"})
     groups = [_load(args.model, g) for g in range(2)]
     config = groups[0].config
-    expert_to_group = torch.tensor([0 if e < config.num_experts // 2 else 1 for e in range(config.num_experts)])
+    copies, num_copies = _placement(config).copy_table()
     transport = GrpcTransport(timeout_s=30, max_message_bytes=256 << 20)
     threads = torch.get_num_threads()
     print(f"{'tokens':>6}{'local':>9}{'remote compute':>16}{'grpc':>9}{'hop':>8}   (ms per layer, p50; "
@@ -82,7 +85,7 @@ def main() -> None:
             hidden = torch.randn(tokens, config.hidden_size)
             ids = torch.stack([torch.randperm(config.num_experts)[:config.num_experts_per_tok]
                                for _ in range(tokens)])
-            sends = plan_layer(layer, hidden, ids, torch.rand(ids.shape), expert_to_group)
+            sends = plan_layer(layer, hidden, ids, torch.rand(ids.shape), copies[layer], num_copies[layer])
             start = time.perf_counter()
             for send in sends:
                 groups[send.group_id].forward(send.batch)

@@ -1,22 +1,26 @@
 """Dispatch planning and combine for one MoE layer: pure functions from routing decisions to sends and back.
 
-plan: each token's k slots name global experts; the placement maps experts to groups. A group receives the
-rows of the tokens with at least one slot in it, their expert ids with -1 on the slots of other groups, and
-the routing weights. Example, k = 2, experts 0-1 in group 0 and 2-3 in group 1:
+plan: each token's k slots name global experts; the layer's placement gives each expert one or more copies,
+each in a different group. The slots routed to an expert take its copies in turn: the r-th such slot, counting
+row-major over (token, slot), goes to copy r % num_copies, so a hot expert's tokens split evenly and the same
+routing always gives the same split. A group receives the rows of the tokens with at least one slot in it,
+their expert ids with -1 on the slots of other groups, and the routing weights. Example, k = 2, experts 0-1 in
+group 0 and 2-3 in group 1, and a second copy of expert 0 in group 1:
 
     token  expert_ids   -> group 0 gets         group 1 gets
-    t0     [0, 2]          t0 [0, -1]            t0 [-1, 2]
-    t1     [1, 0]          t1 [1, 0]             (t1 not sent)
-    t2     [3, 2]          (t2 not sent)         t2 [3, 2]
+    t0     [0, 2]          t0 [0, -1]            t0 [-1, 2]      expert 0's slot 0 -> copy 0 (group 0)
+    t1     [1, 0]          t1 [1, -1]            t1 [-1, 0]      expert 0's slot 1 -> copy 1 (group 1)
+    t2     [3, 0]          t2 [-1, 0]            t2 [3, -1]      expert 0's slot 2 -> copy 0 (group 0)
 
 combine: each group answers its slots' weighted outputs in row-major order; they are scattered into a zeroed
 [T, k, H] at their (token, slot) places and summed over k in slot order (`mistral.moe.combine`), exactly as the
-local engine sums, so a layout computes the same bits as the single-process engine.
+local engine sums.
 
 Replica choice: the replica of a group with the fewest outstanding tokens; ties go to the one that was sent the
 fewest tokens so far, so equal replicas share the load.
 
-Legend: T tokens, k slots, H hidden, N_g tokens sent to group g, A_g slots it computes.
+Legend: T tokens, k slots, H hidden, E experts, C most copies of an expert, N_g tokens sent to group g, A_g
+slots it computes.
 """
 
 from collections.abc import Iterable
@@ -37,10 +41,10 @@ class GroupSend:
 
 
 def plan_layer(layer_id: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-               expert_to_group: torch.Tensor) -> list[GroupSend]:
-    """hidden [T, H], expert_ids [T, k], weights [T, k], expert_to_group [E] -> one send per group with work."""
-    t, k = expert_ids.shape
-    groups = expert_to_group[expert_ids]  # [T, k]
+               copies: torch.Tensor, num_copies: torch.Tensor) -> list[GroupSend]:
+    """hidden [T, H], expert_ids [T, k], weights [T, k]; this layer's copies [E, C] (the groups of each
+    expert's copies, -1 padded) and num_copies [E] -> one send per group with work."""
+    groups = slot_groups(expert_ids, copies, num_copies)  # [T, k]
     sends = []
     for g in torch.unique(groups).tolist():
         mine = groups == g  # [T, k]
@@ -49,6 +53,18 @@ def plan_layer(layer_id: int, hidden: torch.Tensor, expert_ids: torch.Tensor, we
         slots = mine.reshape(-1).nonzero().squeeze(1)  # [A_g]
         sends.append(GroupSend(g, slots, ExpertBatch(layer_id, hidden[rows], ids, weights[rows].float())))
     return sends
+
+
+def slot_groups(expert_ids: torch.Tensor, copies: torch.Tensor, num_copies: torch.Tensor) -> torch.Tensor:
+    """expert_ids [T, k] -> [T, k] the group computing each slot: the r-th slot (row-major) routed to expert e
+    goes to copy r % num_copies[e]."""
+    flat = expert_ids.reshape(-1)  # [T*k]
+    order = torch.argsort(flat, stable=True)  # slots grouped by expert, row-major within an expert
+    counts = torch.bincount(flat, minlength=copies.shape[0])  # [E]
+    starts = torch.cumsum(counts, 0) - counts  # [E] where each expert's run begins in `order`
+    rank = torch.empty_like(flat)  # [T*k] r: how many earlier slots went to the same expert
+    rank[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    return copies[flat, rank % num_copies[flat]].view_as(expert_ids)
 
 
 def combine_results(num_tokens: int, top_k: int, sends: Iterable[GroupSend],

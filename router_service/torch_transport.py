@@ -311,7 +311,7 @@ class TorchMember:
             return
         rank, world = plan["members"].index(self.replica_id) + 1, len(plan["members"]) + 1
         pg = _make_group(epoch_store, rank, world, plan["backend"], plan["timeout"])
-        device = self.group.w1[0].device if plan["backend"] == "nccl" else torch.device("cpu")
+        device = self.group.device if plan["backend"] == "nccl" else torch.device("cpu")
         while self._serve_layer(pg, epoch_store, world, device):
             pass
 

@@ -18,6 +18,7 @@ from torch.distributed import TCPStore
 from experts.expert_group import ExpertBatch, ExpertGroup
 from experts.placement import make_placement
 from mistral.checkpoint import CheckpointReader
+from router_service.dispatch import slot_groups
 from router_service.torch_transport import TorchMember, TorchTransport
 from router_service.transport import LocalTransport, ReplicaFailure, ReplicaInfo
 from tests.unit.router_service.torch_member_process import serve_member
@@ -49,7 +50,8 @@ def layer_batches(groups, layer_id: int, seed: int, num_tokens: int = 7) -> list
     ids = torch.stack([torch.randperm(config.num_experts, generator=gen)[:config.num_experts_per_tok]
                        for _ in range(num_tokens)])  # [T, k]
     weights = torch.rand(num_tokens, config.num_experts_per_tok, generator=gen).softmax(-1)  # [T, k] fp32
-    owner = torch.tensor(placement.expert_to_group)[ids]  # [T, k] group of each slot
+    copies, num_copies = placement.copy_table()
+    owner = slot_groups(ids, copies[layer_id], num_copies[layer_id])  # [T, k] group of each slot
     batches = []
     for g in range(NUM_GROUPS):
         rows = (owner == g).any(1)
@@ -139,7 +141,7 @@ class HangsOnce:
     """A group whose first batch hangs until the shard has given up on the layer and published a new epoch."""
 
     def __init__(self, group: ExpertGroup, store: TCPStore, session: str):
-        self.group, self.w1, self.store, self.session, self.hung = group, group.w1, store, session, False
+        self.group, self.device, self.store, self.session, self.hung = group, group.device, store, session, False
 
     def forward(self, batch: ExpertBatch) -> torch.Tensor:
         if not self.hung:
