@@ -4,6 +4,10 @@ The actor joins an existing expert-parallel deployment through its router actor:
 `RemoteExperts` backend the in-process `LLM(expert_parallel=...)` uses and hands it to `LLM(experts=...)`.
 Expert replicas serve any number of shards; with the `torch` transport each shard has its own process-group
 session, which the replicas must have been started with.
+
+An engine that failed inside a step (anything but a bad request, which fails alone) is dead: its state is no
+longer trusted, `health` raises so that the actor's supervisor replaces it, and later requests fail at once
+with `EngineDeadError`, as `AsyncLLM` does.
 """
 
 import ray
@@ -11,6 +15,7 @@ import torch
 
 from actors.expert_parallel import NAMESPACE, connect_shard
 from engine import LLM, SamplingParams
+from engine.errors import EngineDeadError, InvalidRequestError
 from engine.outputs import RequestOutput
 from experts.parallel_config import ExpertParallelConfig
 from mistral.checkpoint import DTYPES
@@ -29,12 +34,26 @@ class AttentionShardActor:
         self.experts = connect_shard(router, config, session, model_dir, torch_dtype, budget)
         self.llm = LLM(model_dir, dtype=str(torch_dtype).removeprefix("torch."), device=device,
                        experts=self.experts, progress=False, **llm_kwargs)
+        self.dead: BaseException | None = None
 
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
-        return self.llm.generate(prompt_token_ids=prompt_token_ids, sampling_params=params)
+        self._raise_if_dead()
+        try:
+            return self.llm.generate(prompt_token_ids=prompt_token_ids, sampling_params=params)
+        except InvalidRequestError:
+            raise
+        except Exception as error:
+            self.dead = error
+            raise
 
     def health(self) -> bool:
+        """True while the engine works; raises `EngineDeadError` once it failed."""
+        self._raise_if_dead()
         return True
+
+    def _raise_if_dead(self) -> None:
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead!r}") from self.dead
 
     def failover_stats(self) -> dict:
         f = self.experts.failover

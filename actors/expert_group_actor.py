@@ -5,6 +5,9 @@ an ExpertService for `grpc`, a process-group member for `torch`) and then regist
 replica is never routed to before it can answer. A restarted replica (Ray re-runs `__init__` after a crash)
 registers again under the same id with its new endpoints.
 
+`health` runs a 1-token probe through the experts (`ExpertProbe`) and raises when it fails, so the router's
+liveness check drops a replica whose compute is wedged, not only one whose process died.
+
 CUDA is initialised lazily: the device is chosen inside `__init__`, after Ray has set CUDA_VISIBLE_DEVICES for
 the GPU it granted, never at import.
 """
@@ -16,6 +19,7 @@ import torch
 
 from experts.expert_group import ExpertBatch, ExpertGroup
 from experts.placement import Placement
+from experts.probe import ExpertProbe
 from mistral.checkpoint import DTYPES, CheckpointReader
 from router_service.transport import ReplicaInfo
 
@@ -31,13 +35,14 @@ class ExpertGroupActor:
         self.reader = CheckpointReader(model_dir)
         self.group = ExpertGroup.load(self.reader, placement, group_id, DTYPES[dtype], device)
         self.replica_id, self.group_id = replica_id, group_id
+        self.probe = ExpertProbe(self.group)
         endpoints = {"ray": ray.get_runtime_context().get_actor_name()}
         self._server, self._members = None, []
         if "grpc" in transports:
             from router_service.grpc_transport import serve_expert_group
 
             self._server, port = serve_expert_group(self.group, replica_id, host=host, port=0,
-                                                    max_batch_tokens=max_batch_tokens)
+                                                    max_batch_tokens=max_batch_tokens, probe=self.probe)
             endpoints["grpc"] = f"{host}:{port}"
         router = ray.get_actor(router_name, namespace=namespace)
         if "torch" in transports:
@@ -53,9 +58,11 @@ class ExpertGroupActor:
         return self.group.forward(batch).cpu()
 
     def health(self) -> bool:
+        """True once the experts computed a probe; raises `ExpertProbeFailed` when they did not in time."""
+        self.probe.check()
         return True
 
     def info(self) -> dict:
         return {"replica_id": self.replica_id, "group_id": self.group_id, "experts": list(self.group.experts),
-                "pid": os.getpid(), "device": str(self.group.w1[0].device),
+                "pid": os.getpid(), "device": str(self.group.device),
                 "tensors_read": list(self.reader.tensors_read), "files_opened": list(self.reader.files_opened)}

@@ -4,7 +4,8 @@
 every group replica as actors (one GPU per replica when the cluster has GPUs), waits until each group has a
 registered replica, and returns the `RemoteExperts` backend the engine plugs into its MoE layers. The `local`
 transport skips Ray entirely: the groups live in this process (the single-process layout, through the same
-dispatch and combine code).
+dispatch and combine code), with the router's live rebalancing: `runtime.service.rebalance()`, then
+`runtime.sync()` until the replicas follow.
 """
 
 import logging
@@ -18,6 +19,7 @@ from experts.expert_group import ExpertGroup
 from experts.parallel_config import LAYER_PATH_ENV, ExpertParallelConfig
 from experts.placement import Placement, make_placement
 from mistral.checkpoint import CheckpointReader
+from router_service.placement_follower import PlacementFollower
 from router_service.remote_experts import RemoteExperts, RouterClient
 from router_service.service import RouterService
 from router_service.transport import LocalTransport, ReplicaInfo
@@ -34,6 +36,16 @@ class ExpertParallelRuntime:
     replicas: dict[str, object] = field(default_factory=dict)  # replica id -> actor handle
     started_ray: bool = False
     router_name: str | None = None  # what another shard joins through (see AttentionShardActor)
+    service: RouterService | None = None  # the local transport's in-process router
+    followers: dict[str, PlacementFollower] = field(default_factory=dict)  # local: replica id -> follower
+
+    def sync(self) -> None:
+        """Local transport: one heartbeat round of the in-process replicas, which load a pending placement
+        (waited for) and drop moved-away experts once the switch has settled."""
+        for replica_id, follower in self.followers.items():
+            info = self.service.table.get(replica_id) or ReplicaInfo(replica_id, follower.group.group_id)
+            follower.follow(self.service.heartbeat(info, follower.group.tokens_served, follower.version))
+            follower.wait()
 
     def shutdown(self) -> None:
         self.backend.close()
@@ -53,7 +65,7 @@ def start_expert_parallel(model_dir: str, config: ExpertParallelConfig, dtype: t
     if not model.is_moe:
         raise ValueError(f"{model_dir} is a dense model: expert parallelism needs a Mixture-of-Experts checkpoint")
     placement = make_placement(model.num_experts, model.num_layers, config.num_groups, config.placement,
-                               config.replicas)
+                               config.replicas, redundant_slots=config.redundant_slots)
     if config.transport == "local":
         return _start_local(model_dir, placement, dtype, config)
     return _start_ray(model_dir, placement, dtype, config, max_batch_tokens)
@@ -62,15 +74,18 @@ def start_expert_parallel(model_dir: str, config: ExpertParallelConfig, dtype: t
 def _start_local(model_dir: str, placement: Placement, dtype: torch.dtype,
                  config: ExpertParallelConfig) -> ExpertParallelRuntime:
     service = RouterService(placement)
-    groups = {}
+    groups, followers = {}, {}
     for g, count in enumerate(placement.replicas):
         for r in range(count):
             replica_id = f"g{g}-r{r}"
-            groups[replica_id] = ExpertGroup.load(CheckpointReader(model_dir), placement, g, dtype)
+            reader = CheckpointReader(model_dir)
+            groups[replica_id] = ExpertGroup.load(reader, placement, g, dtype)
+            followers[replica_id] = PlacementFollower(groups[replica_id], reader, placement, replica_id)
             service.register(ReplicaInfo(replica_id, g))
-    client = RouterClient(service.get_table, service.report_failure, service.record_load)
+    client = RouterClient(lambda version: service.get_table(version, "local"), service.report_failure,
+                          service.record_load)
     backend = RemoteExperts(LocalTransport(groups), client, failover_timeout=config.failover_timeout)
-    return ExpertParallelRuntime(backend, placement)
+    return ExpertParallelRuntime(backend, placement, service=service, followers=followers)
 
 
 def _start_ray(model_dir: str, placement: Placement, dtype: torch.dtype, config: ExpertParallelConfig,

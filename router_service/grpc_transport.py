@@ -3,13 +3,16 @@
 Server: `serve_expert_group` wraps an `ExpertGroup` in a plain threaded `grpc.server`, so it runs from any
 thread or Ray actor without owning an event loop. Every request is decoded and validated before compute; a
 malformed one (shape, dtype, byte count, layer, an expert of another group, too many tokens) is answered
-INVALID_ARGUMENT with the reason and the server keeps serving. Client mistakes are logged at INFO only.
+INVALID_ARGUMENT with the reason and the server keeps serving. Client mistakes are logged at INFO only. Health
+runs an `ExpertProbe` through the group's experts and answers NOT_SERVING when it fails, so a replica whose
+compute is wedged does not pass for alive.
 
 Client: `GrpcTransport` keeps one grpc.aio channel per replica on an event loop that runs on its own
 background thread, so the synchronous `forward` of the `Transport` seam fans a layer's sends out concurrently
 and waits once. A replica that is down, slow or unreachable comes back as a `ReplicaFailure` value within the
 deadline (the caller re-sends the batch elsewhere: experts are pure); INVALID_ARGUMENT means the caller built a
-wrong batch, which no retry fixes, so it raises `ExpertBatchError` like the in-process group would.
+wrong batch, which no retry fixes, so it raises `ExpertBatchError` like the in-process group would. Each call is
+timed on its own (`forward(..., seconds=...)`), for the layer-path stats.
 
 Message limits are sized from the largest batch a replica accepts (`message_limit_bytes`); the response
 [A, H] with A <= N * k is the larger direction.
@@ -20,12 +23,14 @@ Legend: N tokens sent, k slots per token, A slots computed by the replica (ids >
 import asyncio
 import logging
 import threading
+import time
 from concurrent import futures
 
 import grpc
 import torch
 
 from experts.expert_group import ExpertBatch, ExpertBatchError, ExpertGroup
+from experts.probe import ExpertProbe, ExpertProbeFailed
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
 from router_service.transport import ReplicaFailure, ReplicaInfo
@@ -60,8 +65,10 @@ def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
 class ExpertServicer(pb_grpc.ExpertServiceServicer):
     """ExpertService over one `ExpertGroup` replica; refuses bad input with INVALID_ARGUMENT before compute."""
 
-    def __init__(self, group: ExpertGroup, replica_id: str, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
+    def __init__(self, group: ExpertGroup, replica_id: str, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 probe: ExpertProbe | None = None):
         self.group, self.replica_id, self.max_batch_tokens = group, replica_id, max_batch_tokens
+        self.probe = probe or ExpertProbe(group)
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
         try:
@@ -89,6 +96,13 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
         return ExpertBatch(request.layer_id, **fields)  # hidden [N, H], ids [N, k], weights [N, k]
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
+        """SERVING when the experts computed a probe within the caller's deadline (at most the probe's own)."""
+        remaining = context.time_remaining()
+        try:
+            self.probe.check(None if remaining is None else min(self.probe.timeout_s, remaining))
+        except ExpertProbeFailed as e:
+            logger.warning("replica %s is not serving: %s", self.replica_id, e)
+            return pb.HealthResponse(status=pb.HealthResponse.NOT_SERVING)
         return pb.HealthResponse(status=pb.HealthResponse.SERVING)
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
@@ -101,17 +115,18 @@ class ExpertServicer(pb_grpc.ExpertServiceServicer):
 
 
 def serve_expert_group(group: ExpertGroup, replica_id: str, host: str = "127.0.0.1", port: int = 0,
-                       max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                       max_workers: int = 4) -> tuple[grpc.Server, int]:
+                       max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_workers: int = 4,
+                       probe: ExpertProbe | None = None) -> tuple[grpc.Server, int]:
     """Start an ExpertService for `group` on host:port (0 picks a free port) -> (started server, bound port).
 
     Stop it with `server.stop(grace).wait()`. SO_REUSEPORT is off so that two replicas never share a port.
+    `probe`: the replica's health probe, when its other health checks share it (default: one of its own).
     """
     config = group.config
     limit = message_limit_bytes(max_batch_tokens, config.hidden_size, config.num_experts_per_tok, group.dtype)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="msem-expert"),
                          options=_size_options(limit) + [("grpc.so_reuseport", 0)])
-    pb_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(group, replica_id, max_batch_tokens), server)
+    pb_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(group, replica_id, max_batch_tokens, probe), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"could not bind the expert service of replica {replica_id} to {host}:{port}")
@@ -137,6 +152,7 @@ class GrpcTransport:
     """
 
     name = "grpc"
+    times_sends = True  # forward(..., seconds=...) times each call
 
     def __init__(self, timeout_s: float = 5.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.timeout_s = timeout_s
@@ -149,8 +165,10 @@ class GrpcTransport:
         self._thread.start()
         self._closed = False
 
-    def forward(self, sends: list[tuple[ReplicaInfo, ExpertBatch]]) -> list[torch.Tensor | ReplicaFailure]:
-        """One result per send, in order: [A, H] on the batch's device, or a `ReplicaFailure`."""
+    def forward(self, sends: list[tuple[ReplicaInfo, ExpertBatch]],
+                seconds: list[float] | None = None) -> list[torch.Tensor | ReplicaFailure]:
+        """One result per send, in order: [A, H] on the batch's device, or a `ReplicaFailure`. `seconds`, when
+        given, receives each call's time from sending to its answer (or failure), in send order."""
         if self._closed:
             raise RuntimeError("GrpcTransport is closed")
         if not sends:
@@ -158,17 +176,28 @@ class GrpcTransport:
         requests = [pb.ForwardRequest(layer_id=b.layer_id, hidden=to_proto(b.hidden),  # encode off the loop
                                       expert_ids=to_proto(b.expert_ids), weights=to_proto(b.weights))
                     for _, b in sends]
+        began = time.perf_counter()
         calls = asyncio.run_coroutine_threadsafe(self._call_all([r for r, _ in sends], requests), self._loop)
         try:
-            responses = calls.result(timeout=self.timeout_s + 5.0)  # each call has its own deadline
+            timed = calls.result(timeout=self.timeout_s + 5.0)  # each call has its own deadline
         except futures.TimeoutError:
             calls.cancel()
-            return [ReplicaFailure(r.replica_id, "the transport's event loop did not answer") for r, _ in sends]
-        return [self._decode(r, b, resp) for (r, b), resp in zip(sends, responses)]
+            timed = [(ReplicaFailure(r.replica_id, "the transport's event loop did not answer"),
+                      time.perf_counter() - began) for r, _ in sends]
+        if seconds is not None:
+            seconds.extend(s for _, s in timed)
+        return [self._decode(r, b, resp) for (r, b), (resp, _) in zip(sends, timed)]
 
     async def _call_all(self, replicas: list[ReplicaInfo], requests: list[pb.ForwardRequest]) -> list:
+        """-> (answer, seconds) per call."""
         stubs = [await self._stub(r) for r in replicas]
-        return await asyncio.gather(*(self._call(r, s, q) for r, s, q in zip(replicas, stubs, requests)))
+        return await asyncio.gather(*(self._timed_call(r, s, q) for r, s, q in zip(replicas, stubs, requests)))
+
+    async def _timed_call(self, replica: ReplicaInfo, stub: pb_grpc.ExpertServiceStub | None,
+                          request: pb.ForwardRequest) -> tuple:
+        began = time.perf_counter()
+        answer = await self._call(replica, stub, request)
+        return answer, time.perf_counter() - began
 
     async def _call(self, replica: ReplicaInfo, stub: pb_grpc.ExpertServiceStub | None,
                     request: pb.ForwardRequest) -> pb.ForwardResponse | ReplicaFailure | ExpertBatchError:

@@ -2,7 +2,8 @@
 
 Each replica's endpoint is its named actor (`endpoints["ray"]`). Calls go out together and are awaited with a
 deadline; a dead, restarting or silent actor becomes a `ReplicaFailure`. Ray serialises the tensors itself
-(zero-copy for large CPU tensors through its object store).
+(zero-copy for large CPU tensors through its object store). A send's time runs from its call to the moment its
+answer was fetched; answers are fetched in send order, so a fast answer behind a slow one counts the wait.
 """
 
 import time
@@ -19,6 +20,7 @@ _ACTOR_ERRORS = (RayActorError, GetTimeoutError, ray.exceptions.ActorUnavailable
 
 class RayTransport:
     name = "ray"
+    times_sends = True
 
     def __init__(self, namespace: str | None = None, timeout: float = 10.0):
         self.namespace, self.timeout = namespace, timeout
@@ -30,8 +32,9 @@ class RayTransport:
             self._handles[name] = ray.get_actor(name, namespace=self.namespace)
         return self._handles[name]
 
-    def forward(self, sends: list[tuple[ReplicaInfo, ExpertBatch]]) -> list[torch.Tensor | ReplicaFailure]:
-        refs = []
+    def forward(self, sends: list[tuple[ReplicaInfo, ExpertBatch]],
+                seconds: list[float] | None = None) -> list[torch.Tensor | ReplicaFailure]:
+        began, refs = time.perf_counter(), []
         for replica, batch in sends:
             try:
                 refs.append(self._handle(replica).forward.remote(batch))
@@ -39,16 +42,21 @@ class RayTransport:
                 refs.append(ReplicaFailure(replica.replica_id, repr(error)))
         out, deadline = [], time.monotonic() + self.timeout
         for (replica, _), ref in zip(sends, refs):
-            if isinstance(ref, ReplicaFailure):
-                out.append(ref)
-                continue
-            try:
-                out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except _ACTOR_ERRORS as error:
-                if isinstance(error, GetTimeoutError):
-                    ray.cancel(ref)
-                out.append(ReplicaFailure(replica.replica_id, type(error).__name__))
+            out.append(self._get(replica, ref, deadline))
+            if seconds is not None:
+                seconds.append(time.perf_counter() - began)
         return out
+
+    @staticmethod
+    def _get(replica: ReplicaInfo, ref, deadline: float) -> torch.Tensor | ReplicaFailure:
+        if isinstance(ref, ReplicaFailure):
+            return ref
+        try:
+            return ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except _ACTOR_ERRORS as error:
+            if isinstance(error, GetTimeoutError):
+                ray.cancel(ref)
+            return ReplicaFailure(replica.replica_id, type(error).__name__)
 
     def close(self) -> None:
         self._handles.clear()

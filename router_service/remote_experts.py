@@ -13,11 +13,24 @@ different token.
 A failed replica is skipped until the table changes after its failure (it was dropped, or re-registered with
 new endpoints), so a dead replica costs one failed send per table version, not one per layer.
 
+Replica choice. Among a group's live replicas a send goes to the one with the fewest tokens in flight from this
+shard (`dispatch.choose_replica`). The choice and the reservation of the batch's tokens happen together under
+one lock, so concurrent layer calls — several threads, or two calls of one engine step — spread over the
+replicas instead of all seeing zero; the tokens are taken back in a `finally` once the transport returns,
+raises or not.
+
 Load. Tokens routed to each (layer, expert) are counted here and pushed to the router about once a second; the
 router aggregates them for autoscaling and the experts dashboard.
+
+Stats. With a `stats_sink`, the layer path also gathers what a metrics exporter needs (`LayerPathStats`): token
+slots per (replica, layer, expert) as [L, E] tensors added to per send, the seconds of each answered send per
+group, failovers and their stalls. They are handed to the sink at a step boundary (layer 0) at most once per
+`stats_interval` seconds, and on `close()`, never per layer. The sink runs on the engine thread: it should
+only record numbers.
 """
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from experts.expert_group import ExpertBatch
 from router_service.dispatch import GroupSend, choose_replica, combine_results, plan_layer
 from router_service.routing_table import TableSnapshot
 from router_service.transport import ReplicaFailure, ReplicaInfo, Transport
@@ -47,6 +61,24 @@ class RouterClient:
 
 
 @dataclass
+class LayerPathStats:
+    """What one shard's layer path did since the last flush (plain data, for a metrics sink).
+
+    routed counts the token slots of answered sends only, so summed over replicas it is the layer's load even
+    when a batch was re-sent; send_seconds too is of answered sends (dispatch to answer; the whole `forward`
+    for a transport that cannot time each send). A failed send shows in failovers and the stall instead.
+    """
+
+    transport: str
+    routed: dict[str, torch.Tensor] = field(default_factory=dict)  # replica id -> [L, E] long token slots
+    replica_groups: dict[str, int] = field(default_factory=dict)  # replica id -> group id
+    send_seconds: dict[int, list[float]] = field(default_factory=dict)  # group id -> seconds of each send
+    outstanding: dict[str, int] = field(default_factory=dict)  # replica id -> tokens in flight at flush time
+    failovers: int = 0  # sends re-sent since the last flush
+    failover_stall_seconds: list[float] = field(default_factory=list)  # per layer that needed a re-send
+
+
+@dataclass
 class FailoverStats:
     resent_batches: int = 0
     failed_sends: int = 0
@@ -55,18 +87,23 @@ class FailoverStats:
 
 class RemoteExperts:
     def __init__(self, transport: Transport, router: RouterClient, *, failover_timeout: float = 30.0,
-                 refresh_interval: float = 0.1, load_report_interval: float = 1.0, poll_interval: float = 0.02):
+                 refresh_interval: float = 0.1, load_report_interval: float = 1.0, poll_interval: float = 0.02,
+                 stats_sink: Callable[[LayerPathStats], None] | None = None, stats_interval: float = 1.0):
         self.transport, self.router = transport, router
+        self.stats_sink, self.stats_interval = stats_sink, stats_interval
+        self._times_sends = getattr(transport, "times_sends", False)
+        self._lock = threading.Lock()  # replica choice, in-flight tokens and the tallies below
         self.failover_timeout, self.refresh_interval = failover_timeout, refresh_interval
         self.load_report_interval, self.poll_interval = load_report_interval, poll_interval
         self.table = self._wait_for_table(None)
-        self.expert_to_group = torch.tensor(self.table.placement.expert_to_group)
+        self._copy_table = (self.table.placement.version, *self.table.placement.copy_table())  # [L, E, C], [L, E]
         self.outstanding: dict[str, int] = {}
         self.sent: dict[str, int] = {}
         self._failed: dict[str, int] = {}  # replica id -> table version when it failed
         placement = self.table.placement
         self._load = torch.zeros(placement.num_layers, placement.num_experts, dtype=torch.long)
-        self._last_refresh = self._last_report = time.monotonic()
+        self._last_refresh = self._last_report = self._last_stats = time.monotonic()
+        self._stats = LayerPathStats(transport.name)
         self.failover = FailoverStats()
         self.layer_seconds: deque[float] = deque(maxlen=65536)  # MoE call wall time of recent layers
 
@@ -77,8 +114,14 @@ class RemoteExperts:
         t0 = time.perf_counter()
         if layer_id == 0:
             self._step_boundary()
-        self._load[layer_id] += torch.bincount(expert_ids.reshape(-1).cpu(), minlength=self._load.shape[1])
-        sends = plan_layer(layer_id, hidden, expert_ids, weights, self.expert_to_group.to(expert_ids.device))
+        counts = torch.bincount(expert_ids.reshape(-1).cpu(), minlength=self._load.shape[1])  # [E]
+        with self._lock:
+            self._load[layer_id] += counts
+        if self._copy_table[0] != self.table.placement.version:  # a rebalanced table: rebuilt once, not per layer
+            self._copy_table = (self.table.placement.version, *self.table.placement.copy_table())
+        _, copies, num_copies = self._copy_table
+        sends = plan_layer(layer_id, hidden, expert_ids, weights, copies[layer_id].to(expert_ids.device),
+                           num_copies[layer_id].to(expert_ids.device))
         results = self._run(sends)
         out = combine_results(expert_ids.shape[0], expert_ids.shape[1], sends, results).to(hidden.dtype)
         self.layer_seconds.append(time.perf_counter() - t0)
@@ -91,12 +134,17 @@ class RemoteExperts:
         pending = list(range(len(sends)))
         started, deadline = time.monotonic(), None
         while True:
-            ready = [(i, r) for i in pending if (r := self._pick(sends[i].group_id)) is not None]
-            for i, r in ready:
-                self._add_outstanding(r, sends[i].batch.hidden.shape[0])
-            answers = self.transport.forward([(r, sends[i].batch) for i, r in ready]) if ready else []
+            ready: list[tuple[int, ReplicaInfo]] = []
+            try:
+                for i in pending:
+                    if (replica := self._reserve(sends[i])) is not None:
+                        ready.append((i, replica))
+                answers, seconds = self._forward([(r, sends[i].batch) for i, r in ready])
+            finally:
+                self._release([(r, sends[i]) for i, r in ready])
+            if self.stats_sink is not None:
+                self._tally([(r, sends[i]) for i, r in ready], answers, seconds)
             for (i, r), answer in zip(ready, answers):
-                self._add_outstanding(r, -sends[i].batch.hidden.shape[0])
                 if isinstance(answer, ReplicaFailure):
                     self._on_failure(r, answer)
                 else:
@@ -109,29 +157,71 @@ class RemoteExperts:
                 groups = sorted({sends[i].group_id for i in pending})
                 raise ExpertGroupUnavailable(f"expert groups {groups} had no answering replica for "
                                              f"{self.failover_timeout:.0f} s")
-            self.failover.resent_batches += len(pending)
+            with self._lock:
+                self.failover.resent_batches += len(pending)
+                self._stats.failovers += len(pending)
             if all(self._pick(sends[i].group_id) is None for i in pending):
                 self._wait_for_change()
         if deadline is not None:
             stall = time.monotonic() - started
-            self.failover.stall_seconds.append(stall)
+            with self._lock:
+                self.failover.stall_seconds.append(stall)
+                self._stats.failover_stall_seconds.append(stall)
             logger.warning("expert failover: layer %d redone after %.3f s", sends[0].batch.layer_id, stall)
         return results
 
     def _pick(self, group_id: int) -> ReplicaInfo | None:
-        live = [r for r in self.table.replicas_of(group_id)
-                if self._failed.get(r.replica_id, -1) < self.table.version]
+        table = self.table
+        live = [r for r in table.replicas_of(group_id) if self._failed.get(r.replica_id, -1) < table.version]
         return choose_replica(live, self.outstanding, self.sent)
 
-    def _add_outstanding(self, replica: ReplicaInfo, tokens: int) -> None:
-        rid = replica.replica_id
-        self.outstanding[rid] = self.outstanding.get(rid, 0) + tokens
-        if tokens > 0:
-            self.sent[rid] = self.sent.get(rid, 0) + tokens
+    def _reserve(self, send: GroupSend) -> ReplicaInfo | None:
+        """Pick the send's replica and count its tokens in flight there, in one step (see the docstring)."""
+        tokens = send.batch.hidden.shape[0]
+        with self._lock:
+            replica = self._pick(send.group_id)
+            if replica is not None:
+                rid = replica.replica_id
+                self.outstanding[rid] = self.outstanding.get(rid, 0) + tokens
+                self.sent[rid] = self.sent.get(rid, 0) + tokens
+        return replica
+
+    def _release(self, reserved: list[tuple[ReplicaInfo, GroupSend]]) -> None:
+        with self._lock:
+            for replica, send in reserved:
+                self.outstanding[replica.replica_id] -= send.batch.hidden.shape[0]
+
+    def _forward(self, pairs: list[tuple[ReplicaInfo, ExpertBatch]]) -> tuple[list, list[float]]:
+        """The transport's answers and the seconds of each send."""
+        if not pairs:
+            return [], []
+        if self._times_sends:
+            seconds: list[float] = []
+            return self.transport.forward(pairs, seconds=seconds), seconds
+        began = time.perf_counter()
+        answers = self.transport.forward(pairs)
+        return answers, [time.perf_counter() - began] * len(pairs)
+
+    def _tally(self, sent: list[tuple[ReplicaInfo, GroupSend]], answers: list, seconds: list[float]) -> None:
+        """Add answered sends to the stats: their token slots per (layer, expert) and their seconds."""
+        num_layers, num_experts = self._load.shape
+        for (replica, send), answer, sec in zip(sent, answers, seconds):
+            if isinstance(answer, ReplicaFailure):
+                continue
+            ids = send.batch.expert_ids.reshape(-1)
+            slots = torch.bincount(ids + 1, minlength=num_experts + 1)[1:]  # [E]; the -1 slots land in bin 0
+            with self._lock:
+                stats, rid = self._stats, replica.replica_id
+                if rid not in stats.routed:
+                    stats.routed[rid] = torch.zeros(num_layers, num_experts, dtype=torch.long, device=ids.device)
+                    stats.replica_groups[rid] = replica.group_id
+                stats.routed[rid][send.batch.layer_id] += slots
+                stats.send_seconds.setdefault(replica.group_id, []).append(sec)
 
     def _on_failure(self, replica: ReplicaInfo, failure: ReplicaFailure) -> None:
         logger.warning("expert replica %s failed: %s", replica.replica_id, failure.reason)
-        self.failover.failed_sends += 1
+        with self._lock:
+            self.failover.failed_sends += 1
         self._failed[replica.replica_id] = self.table.version
         self.router.report_failure(replica.replica_id)
         self._refresh()
@@ -144,6 +234,8 @@ class RemoteExperts:
             self._refresh()
         if now - self._last_report >= self.load_report_interval:
             self.flush_load()
+        if self.stats_sink is not None and now - self._last_stats >= self.stats_interval:
+            self.flush_stats(due_only=True)
 
     def _refresh(self) -> None:
         self._last_refresh = time.monotonic()
@@ -172,11 +264,32 @@ class RemoteExperts:
 
     def flush_load(self) -> None:
         """Push the per-(layer, expert) token counts gathered since the last push to the router."""
-        self._last_report = time.monotonic()
-        if int(self._load.sum()):
-            counts, self._load = self._load.tolist(), torch.zeros_like(self._load)
-            self.router.record_load(counts)
+        with self._lock:
+            self._last_report = time.monotonic()
+            counts, self._load = self._load, torch.zeros_like(self._load)
+        if int(counts.sum()):
+            self.router.record_load(counts.tolist())
+
+    def flush_stats(self, due_only: bool = False) -> None:
+        """Hand the stats gathered since the last flush to the sink (with `due_only`, only once `stats_interval`
+        has passed since then: two threads at a step boundary flush once)."""
+        if self.stats_sink is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if due_only and now - self._last_stats < self.stats_interval:
+                return
+            self._last_stats = now
+            stats, self._stats = self._stats, LayerPathStats(self.transport.name)
+            stats.outstanding = dict(self.outstanding)
+        with torch.inference_mode(False):  # plain tensors for the sink, even when flushed inside a step
+            stats.routed = {rid: counts.to("cpu", copy=True) for rid, counts in stats.routed.items()}
+        try:
+            self.stats_sink(stats)
+        except Exception:  # noqa: BLE001 - metrics must not stop inference
+            logger.warning("the layer-path stats sink failed", exc_info=True)
 
     def close(self) -> None:
         self.flush_load()
+        self.flush_stats()
         self.transport.close()

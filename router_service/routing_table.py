@@ -1,8 +1,8 @@
 """`RoutingTable`: the versioned map from expert groups to their live replicas.
 
 The router service owns the one mutable table: replicas register when they are ready to serve (after their
-weights loaded and their endpoints opened) and deregister when they stop or are found dead; every change bumps
-`version`. Shards hold an immutable `TableSnapshot` and swap in a newer one at a step boundary, or mid-layer
+weights loaded and their endpoints opened) and deregister when they stop or are found dead; a rebalance swaps
+in a new placement once every replica holds its experts. Every change bumps `version`. Shards hold an immutable `TableSnapshot` and swap in a newer one at a step boundary, or mid-layer
 while they fail over. Only the snapshot crosses processes: plain frozen data, no handles.
 """
 
@@ -46,6 +46,14 @@ class RoutingTable:
     def deregister(self, replica_id: str) -> int:
         if self._replicas.pop(replica_id, None) is not None:
             self.version += 1
+        return self.version
+
+    def set_placement(self, placement: Placement) -> int:
+        if (placement.num_experts, placement.num_layers, placement.num_groups) != \
+                (self.placement.num_experts, self.placement.num_layers, self.placement.num_groups):
+            raise ValueError("a new placement must keep the experts, layers and groups of the current one")
+        self.placement = placement
+        self.version += 1
         return self.version
 
     def get(self, replica_id: str) -> ReplicaInfo | None:

@@ -8,8 +8,13 @@ only the lost batch (experts are pure: recomputing a batch anywhere gives the sa
 
 Implementations: `local` (in-process groups), `ray` (actor calls), `grpc` (ExpertService), `torch`
 (all_to_all over a process group per epoch). Only this module's types cross into `remote_experts.py`.
+
+Timing. A transport that can time each send on its own says so with `times_sends = True` and takes
+`forward(sends, seconds=[])`, appending one duration per send (dispatch to answer). For the others the caller
+times the whole `forward` and books that for each send.
 """
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,9 +45,12 @@ class ReplicaFailure:
 
 class Transport(Protocol):
     name: str
+    times_sends: bool  # forward takes `seconds` (see the module docstring); absent means False
 
-    def forward(self, sends: list[tuple[ReplicaInfo, ExpertBatch]]) -> list[torch.Tensor | ReplicaFailure]:
-        """Run every batch on its replica (concurrently where the transport can); one result per send, in order."""
+    def forward(self, sends: list[tuple[ReplicaInfo, ExpertBatch]],
+                seconds: list[float] | None = None) -> list[torch.Tensor | ReplicaFailure]:
+        """Run every batch on its replica (concurrently where the transport can); one result per send, in order.
+        `seconds` only where `times_sends`: one duration per send is appended to it."""
         ...
 
     def close(self) -> None:
@@ -53,16 +61,21 @@ class LocalTransport:
     """In-process groups: the single-process engine's layout, and the yardstick for the others."""
 
     name = "local"
+    times_sends = True
 
     def __init__(self, groups: dict[str, "ExpertGroupLike"]):
         self.groups = groups  # replica id -> group
 
-    def forward(self, sends: list[tuple[ReplicaInfo, ExpertBatch]]) -> list[torch.Tensor | ReplicaFailure]:
+    def forward(self, sends: list[tuple[ReplicaInfo, ExpertBatch]],
+                seconds: list[float] | None = None) -> list[torch.Tensor | ReplicaFailure]:
         out = []
         for replica, batch in sends:
+            began = time.perf_counter()
             group = self.groups.get(replica.replica_id)
             out.append(group.forward(batch) if group is not None
                        else ReplicaFailure(replica.replica_id, "no such local replica"))
+            if seconds is not None:
+                seconds.append(time.perf_counter() - began)
         return out
 
     def close(self) -> None:

@@ -44,7 +44,7 @@ def kill_mid_batch(llm: LLM, replica_id: str, at_layer: int) -> list[int]:
     transport = llm.expert_runtime.backend.transport
     forward, calls, killed = transport.forward, [0], []
 
-    def forward_with_fault(sends):
+    def forward_with_fault(sends, **timing):
         calls[0] += 1
         if calls[0] == at_layer:
             os.kill(pid, signal.SIGKILL)
@@ -52,7 +52,7 @@ def kill_mid_batch(llm: LLM, replica_id: str, at_layer: int) -> list[int]:
             while not process_gone(pid) and time.monotonic() < deadline:
                 time.sleep(0.005)
             killed.append(pid)
-        return forward(sends)
+        return forward(sends, **timing)
 
     transport.forward = forward_with_fault
     return killed

@@ -13,12 +13,15 @@ import torch
 
 from experts.expert_group import ExpertBatch, ExpertBatchError, ExpertGroup
 from experts.placement import make_placement
+from experts.probe import ExpertProbe
 from mistral.checkpoint import CheckpointReader
 from protos import expert_service_pb2 as pb
 from protos import expert_service_pb2_grpc as pb_grpc
-from router_service.grpc_transport import GrpcTransport, message_limit_bytes, serve_expert_group
+from router_service.dispatch import slot_groups
+from router_service.grpc_transport import GrpcTransport, is_serving, message_limit_bytes, serve_expert_group
 from router_service.transport import LocalTransport, ReplicaFailure, ReplicaInfo
 from router_service.wire import WireError, from_proto, to_proto
+from tests.unit.experts.test_probe import WedgedGroup
 
 MAX_BATCH_TOKENS = 64
 NUM_GROUPS = 2
@@ -31,8 +34,8 @@ def load_groups(mixtral_dir, dtype: torch.dtype) -> tuple:
     return placement, [ExpertGroup.load(reader, placement, g, dtype) for g in range(NUM_GROUPS)]
 
 
-def start(group: ExpertGroup, replica_id: str) -> tuple[grpc.Server, ReplicaInfo]:
-    server, port = serve_expert_group(group, replica_id, max_batch_tokens=MAX_BATCH_TOKENS)
+def start(group: ExpertGroup, replica_id: str, probe: ExpertProbe | None = None) -> tuple[grpc.Server, ReplicaInfo]:
+    server, port = serve_expert_group(group, replica_id, max_batch_tokens=MAX_BATCH_TOKENS, probe=probe)
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:
         grpc.channel_ready_future(channel).result(timeout=10)  # polls until the port answers
@@ -59,14 +62,14 @@ def make_sends(placement, groups, replicas, num_tokens: int, seed: int, dtype=to
     """One batch per (layer, group): the tokens with a slot in the group, foreign slots set to -1."""
     gen = torch.Generator().manual_seed(seed)
     config = groups[0].config
-    expert_to_group = torch.tensor(placement.expert_to_group)
+    copies, num_copies = placement.copy_table()
     sends = []
     for layer in range(config.num_layers):
         hidden = torch.randn(num_tokens, config.hidden_size, generator=gen).to(dtype)  # [N, H]
         scores = torch.randn(num_tokens, config.num_experts, generator=gen)
         weights, ids = torch.topk(scores.softmax(-1), config.num_experts_per_tok)  # [N, k] each
         for group, replica in zip(groups, replicas):
-            here = expert_to_group[ids] == group.group_id  # [N, k]
+            here = slot_groups(ids, copies[layer], num_copies[layer]) == group.group_id  # [N, k]
             rows = here.any(dim=1)
             sends.append((replica, ExpertBatch(layer, hidden[rows], torch.where(here, ids, -1)[rows],
                                                weights[rows].float())))
@@ -221,6 +224,24 @@ def test_health_and_info(served):
     assert (info.group_id, info.replica_id, list(info.expert_ids)) == (1, "g1-r0", [1, 3])
     assert (info.num_layers, info.hidden_size, info.dtype) == (config.num_layers, config.hidden_size, "float32")
     assert (info.max_batch_tokens, info.num_experts_per_tok) == (MAX_BATCH_TOKENS, config.num_experts_per_tok)
+
+
+def test_health_is_not_serving_while_the_experts_are_wedged(served):
+    _, groups, _ = served
+    wedged = WedgedGroup(groups[0])
+    server, info = start(wedged, "g0-wedged", probe=ExpertProbe(wedged, timeout_s=0.3))
+    try:
+        with grpc.insecure_channel(info.endpoints["grpc"]) as channel:
+            stub = pb_grpc.ExpertServiceStub(channel)
+            began = time.monotonic()
+            assert stub.Health(pb.HealthRequest(), timeout=5).status == pb.HealthResponse.NOT_SERVING
+            assert time.monotonic() - began < 2.0
+            assert not is_serving(info.endpoints["grpc"], timeout_s=2.0)  # what the router asks
+            wedged.release.set()
+            assert stub.Health(pb.HealthRequest(), timeout=5).status == pb.HealthResponse.SERVING
+    finally:
+        wedged.release.set()
+        server.stop(None).wait()
 
 
 def test_message_limit_covers_the_largest_response():

@@ -1,6 +1,9 @@
-"""RemoteExperts over in-process groups: parity with the single-process engine, failover, load statistics."""
+"""RemoteExperts over in-process groups: parity with the single-process engine, failover, replica choice under
+concurrency, load statistics and the layer-path stats."""
 
 import threading
+import time
+from collections import Counter
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from experts.expert_group import ExpertGroup
 from experts.parallel_config import ExpertParallelConfig
 from experts.placement import make_placement
 from mistral.checkpoint import CheckpointReader
-from router_service.remote_experts import ExpertGroupUnavailable, RemoteExperts, RouterClient
+from router_service.remote_experts import ExpertGroupUnavailable, LayerPathStats, RemoteExperts, RouterClient
 from router_service.routing_table import RoutingTable
 from router_service.service import RouterService
 from router_service.transport import LocalTransport, ReplicaFailure, ReplicaInfo
@@ -51,7 +54,7 @@ class FlakyTransport(LocalTransport):
     def kill_at(self, call: int, replica_id: str, then=None) -> None:
         self._kills[call] = (replica_id, then)
 
-    def forward(self, sends):
+    def forward(self, sends, seconds=None):
         self.calls += 1
         if self.calls in self._kills:
             replica_id, then = self._kills.pop(self.calls)
@@ -59,10 +62,10 @@ class FlakyTransport(LocalTransport):
             if then is not None:
                 then()
         return [ReplicaFailure(r.replica_id, "killed") if r.replica_id in self.dead else out
-                for (r, _), out in zip(sends, super().forward(sends))]
+                for (r, _), out in zip(sends, super().forward(sends, seconds))]
 
 
-def local_cluster(mixtral_dir, replicas, failover_timeout=10.0):
+def local_cluster(mixtral_dir, replicas, failover_timeout=10.0, **options):
     placement = make_placement(4, 2, 2, "linear", replicas)
     transport = FlakyTransport({})
     service = RouterService(placement, is_alive=lambda info: info.replica_id not in transport.dead)
@@ -72,18 +75,24 @@ def local_cluster(mixtral_dir, replicas, failover_timeout=10.0):
                                                               torch.float32)
             service.register(ReplicaInfo(f"g{g}-r{r}", g))
     client = RouterClient(service.get_table, service.report_failure, service.record_load)
-    backend = RemoteExperts(transport, client, failover_timeout=failover_timeout, poll_interval=0.005)
+    backend = RemoteExperts(transport, client, failover_timeout=failover_timeout, poll_interval=0.005, **options)
     return service, transport, backend
 
 
 def test_a_dead_replica_is_replaced_by_its_sibling_without_changing_a_token(mixtral_dir, reference):
-    service, transport, backend = local_cluster(mixtral_dir, (2, 1))
+    flushed: list[LayerPathStats] = []
+    service, transport, backend = local_cluster(mixtral_dir, (2, 1), stats_sink=flushed.append,
+                                                stats_interval=3600)
     version = service.table.version
     transport.kill_at(6, "g0-r0")
     outs = small_llm(mixtral_dir, experts=backend).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
     same_greedy_outputs(outs, reference, tol=0.0)
     assert backend.failover.failed_sends >= 1 and backend.failover.stall_seconds
     assert service.table.get("g0-r0") is None and service.table.version > version  # dropped as dead
+    backend.close()
+    (stats,) = flushed
+    assert stats.failovers == backend.failover.resent_batches >= 1
+    assert stats.failover_stall_seconds == list(backend.failover.stall_seconds)
 
 
 def test_a_lone_replica_that_restarts_is_waited_for(mixtral_dir, reference):
@@ -151,3 +160,154 @@ def test_expert_parallel_configuration_errors(tmp_path):
     dense = write_hf_checkpoint(tmp_path / "dense", moe=False)
     with pytest.raises(ValueError, match="dense model"):
         small_llm(dense, expert_parallel=ExpertParallelConfig(2, "local"))
+
+
+# --- replica choice under concurrency ---------------------------------------------------------------------------
+
+class SlowTransport:
+    """Answers zeros of the right shape after `delay` seconds, and notes where each send went; raises `error`
+    when one is set. It cannot time sends one by one (no `times_sends`)."""
+
+    name = "slow"
+
+    def __init__(self, delay: float, error: Exception | None = None):
+        self.delay, self.error = delay, error
+        self.replicas: list[str] = []
+        self.lock = threading.Lock()
+
+    def forward(self, sends):
+        with self.lock:
+            self.replicas += [r.replica_id for r, _ in sends]
+        time.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        return [torch.zeros(int((b.expert_ids >= 0).sum()), b.hidden.shape[1]) for _, b in sends]
+
+    def close(self) -> None:
+        pass
+
+
+def fake_cluster(transport, replicas=(2, 1), **options) -> RemoteExperts:
+    """4 experts over 2 layers, experts 0-1 in group 0 and 2-3 in group 1, no weights anywhere."""
+    service = RouterService(make_placement(4, 2, 2, "linear", replicas))
+    for g, count in enumerate(replicas):
+        for r in range(count):
+            service.register(ReplicaInfo(f"g{g}-r{r}", g))
+    client = RouterClient(service.get_table, service.report_failure, service.record_load)
+    return RemoteExperts(transport, client, **options)
+
+
+HIDDEN = 8
+# k = 2: group 0 gets t0 [0, -1] and t1 [1, 0]; group 1 gets t0 [-1, 2] and t2 [3, 2]
+KNOWN_IDS = torch.tensor([[0, 2], [1, 0], [3, 2]])
+
+
+def call(backend: RemoteExperts, layer: int, expert_ids: torch.Tensor = KNOWN_IDS) -> torch.Tensor:
+    t, k = expert_ids.shape
+    return backend(layer, torch.randn(t, HIDDEN), expert_ids, torch.full((t, k), 1.0 / k))
+
+
+def test_concurrent_calls_spread_over_replicas_by_tokens_in_flight():
+    transport = SlowTransport(delay=0.3)
+    backend = fake_cluster(transport)
+    backend.sent["g0-r1"] = 10_000  # r1 was sent far more: the old "fewest ever sent" rule would avoid it
+    only_group_0 = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    start = threading.Barrier(4)
+
+    def worker():
+        start.wait()
+        call(backend, 1, only_group_0)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.15)  # every call is inside the slow transport now
+    assert backend.outstanding == {"g0-r0": 6, "g0-r1": 6}  # 3 tokens per call, two calls on each
+    for thread in threads:
+        thread.join()
+    assert Counter(transport.replicas) == {"g0-r0": 2, "g0-r1": 2}
+    assert backend.outstanding == {"g0-r0": 0, "g0-r1": 0}
+
+
+def test_a_call_in_flight_steers_the_next_one_to_the_idle_replica():
+    backend = fake_cluster(transport := SlowTransport(delay=0.3))
+    backend.sent["g0-r1"] = 10_000
+    first = threading.Thread(target=call, args=(backend, 1))
+    first.start()
+    time.sleep(0.1)
+    call(backend, 1)  # g0-r0 has 2 tokens in flight, g0-r1 none
+    first.join()
+    assert [r for r in transport.replicas if r.startswith("g0")] == ["g0-r0", "g0-r1"]
+
+
+def test_an_exception_from_the_transport_leaves_nothing_in_flight():
+    backend = fake_cluster(SlowTransport(delay=0.0, error=RuntimeError("transport bug")))
+    with pytest.raises(RuntimeError, match="transport bug"):
+        call(backend, 1)
+    assert backend.outstanding == {"g0-r0": 0, "g1-r0": 0}
+
+
+# --- layer-path stats -------------------------------------------------------------------------------------------
+
+def test_stats_after_a_known_batch(mixtral_dir):
+    flushed: list[LayerPathStats] = []
+    _, _, backend = local_cluster(mixtral_dir, (2, 1), stats_sink=flushed.append, stats_interval=3600)
+    hidden = CheckpointReader(mixtral_dir).config.hidden_size
+    weights = torch.full((3, 2), 0.5)
+    for layer in (0, 1, 0):  # two steps: g0 goes to r0, then r1 (r0 was sent more), then r0 (tie, by id)
+        backend(layer, torch.randn(3, hidden), KNOWN_IDS, weights)
+    assert not flushed  # the interval has not passed
+    backend.close()
+    (stats,) = flushed
+    assert stats.transport == "local"
+    assert stats.replica_groups == {"g0-r0": 0, "g0-r1": 0, "g1-r0": 1}
+    assert stats.routed["g0-r0"].tolist() == [[4, 2, 0, 0], [0, 0, 0, 0]]  # slots per [layer][expert]
+    assert stats.routed["g0-r1"].tolist() == [[0, 0, 0, 0], [2, 1, 0, 0]]
+    assert stats.routed["g1-r0"].tolist() == [[0, 0, 4, 2], [0, 0, 2, 1]]
+    assert {g: len(s) for g, s in stats.send_seconds.items()} == {0: 3, 1: 3}
+    assert all(0 < s < 5 for seconds in stats.send_seconds.values() for s in seconds)
+    assert stats.outstanding == {"g0-r0": 0, "g0-r1": 0, "g1-r0": 0}
+    assert (stats.failovers, stats.failover_stall_seconds) == (0, [])
+
+
+def test_stats_reach_the_sink_at_step_boundaries_not_per_layer(mixtral_dir):
+    flushed: list[LayerPathStats] = []
+    _, _, backend = local_cluster(mixtral_dir, (1, 1), stats_sink=flushed.append, stats_interval=0.0)
+    small_llm(mixtral_dir, experts=backend).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+    backend.close()
+    steps = len(backend.layer_seconds) // 2  # 2 MoE layers per step
+    assert 1 < len(flushed) <= steps + 1  # once per step at most (interval 0), plus close()
+    routed = sum(counts.sum() for stats in flushed for counts in stats.routed.values())
+    assert not any(counts.is_inference() for stats in flushed for counts in stats.routed.values())
+    tokens = sum(len(p) for p in PROMPTS) + len(PROMPTS) * (GREEDY.max_tokens - 1)
+    assert routed == tokens * 2 * 2  # top-2, 2 layers: every slot once
+
+
+def test_whole_forward_seconds_for_a_transport_that_cannot_time_sends():
+    flushed: list[LayerPathStats] = []
+    backend = fake_cluster(SlowTransport(delay=0.05), stats_sink=flushed.append)
+    call(backend, 1)
+    backend.close()
+    (stats,) = flushed
+    assert stats.transport == "slow" and set(stats.send_seconds) == {0, 1}
+    assert all(s >= 0.05 for seconds in stats.send_seconds.values() for s in seconds)
+
+
+def test_missing_groups_counts_only_replicas_with_recent_heartbeats():
+    now = [100.0]
+    service = RouterService(make_placement(4, 2, 2), heartbeat_timeout_s=3.0, clock=lambda: now[0])
+    untimed = RouterService(make_placement(4, 2, 2), clock=lambda: now[0])  # replicas that do not heartbeat
+    assert service.missing_groups() == [0, 1]
+    a, b = ReplicaInfo("a", 0), ReplicaInfo("b", 1)
+    for router in (service, untimed):
+        router.register(a)
+        router.register(b)
+    assert service.missing_groups() == []
+    now[0] += 2.0
+    service.heartbeat(b, tokens_served=0)
+    now[0] += 2.0  # a: 4 s since its last sign of life (it is stopped); b: 2 s
+    assert service.missing_groups() == [0]
+    assert [r["alive"] for g in service.describe()["groups"] for r in g["replicas"]] == [False, True]
+    assert untimed.missing_groups() == []  # still in the routing table: no shard has failed on it yet
+    service.heartbeat(a, tokens_served=0)
+    assert service.missing_groups() == []
