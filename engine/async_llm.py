@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Sequence
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.llm import LLM, Prompt, merge
 from engine.llm_engine import Resume
-from engine.outputs import RequestOutput
+from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -156,6 +156,10 @@ class AsyncLLM:
     def num_unfinished_requests(self) -> int:
         with self._lock:
             return len(self._streams)
+
+    def stats(self) -> EngineStats:
+        """The engine's load now (safe from any thread: it reads counters only)."""
+        return self.llm.engine.stats()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; requests still running fail with `EngineDeadError`."""

@@ -23,6 +23,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.sliding_window = sliding_window
         self.enable_prefix_caching = enable_prefix_caching
+        self.num_prefix_queries = 0  # prompt tokens looked up in the prefix cache, since start
+        self.num_prefix_hits = 0  # of those, tokens found cached
 
     @property
     def usage(self) -> float:
@@ -45,6 +47,8 @@ class KVCacheManager:
             req.block_hashes.append(block_hash)
             parent = block_hash
         req.num_computed_tokens = len(req.block_ids) * bs
+        self.num_prefix_queries += req.num_tokens
+        self.num_prefix_hits += req.num_computed_tokens
         return req.num_computed_tokens
 
     def release_out_of_window(self, req: Request) -> None:

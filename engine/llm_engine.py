@@ -15,7 +15,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import EngineConfigError, InvalidRequestError, PromptTooLongError
 from engine.kv_cache_manager import KVCacheManager, max_blocks_per_sequence
 from engine.model_runner import ModelRunner, RunnerOutput
-from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from engine.outputs import CompletionOutput, EngineStats, Logprob, PositionLogprobs, RequestOutput
 from engine.request import Request
 from engine.sampler import Logprobs, SamplingState
 from engine.sampling_params import SamplingParams
@@ -137,6 +137,12 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
+
+    def stats(self) -> EngineStats:
+        """The scheduler's and KV cache's load now. Reads counters only, so another thread may call it."""
+        scheduler, kv = self.scheduler, self.scheduler.kv
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.usage, kv.num_prefix_queries,
+                           kv.num_prefix_hits)
 
     # ---- the step ----
 

@@ -43,3 +43,18 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of one engine's load (what vLLM's scheduler stats report), read by metrics publishers.
+
+    The prefix-cache figures are cumulative since start, in tokens: `prefix_cache_queries` tokens of
+    admitted prompts were looked up, `prefix_cache_hits` of them were found cached.
+    """
+
+    num_requests_running: int  # sequences (samples) scheduled in the running batch
+    num_requests_waiting: int  # sequences queued for admission or preempted
+    kv_cache_usage: float  # share of KV blocks in use, 0..1
+    prefix_cache_queries: int
+    prefix_cache_hits: int
