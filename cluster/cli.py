@@ -9,6 +9,8 @@ status 2, like argparse's own usage errors; they never show a traceback.
     msem generate --model tiny --prompt "Hello" [--chat] [--max-tokens N --temperature T --top-p P --seed S]
     msem checkpoint create --preset tiny --out ./tiny-hf [--format hf|consolidated] [--max-shard-size MB]
     msem checkpoint inspect mixtral-8x7b      # a preset (config-only ones too) or a checkpoint directory
+    msem experts [--watch] [--png FILE]       # a running server's expert load; `msem experts rebalance`
+    msem dashboard install [--session-dir D]  # msem's Grafana dashboard, beside Ray's own
 """
 
 import argparse
@@ -17,6 +19,8 @@ import sys
 from pathlib import Path
 
 from cluster.client import add_client_command
+from cluster.dashboard_command import add_dashboard_command
+from cluster.experts_command import add_experts_command
 from cluster.generate import add_generate_command
 from cluster.serve_command import DeployFailedError, add_serve_command
 from engine.errors import EngineConfigError, InvalidRequestError
@@ -51,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(commands)
     add_client_command(commands)
     add_serve_command(commands)
+    add_dashboard_command(commands)
+    add_experts_command(commands)
     _add_checkpoint_commands(commands)
     return parser
 

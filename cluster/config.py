@@ -44,16 +44,47 @@ class Replicas(_Strict):
         return self.initial if self.initial is not None else max(self.min, 1)
 
 
+class Autoscaling(_Strict):
+    """How quickly Serve follows the load of an autoscaled deployment (replicas.min < replicas.max): the load
+    signal is averaged over `look_back_period_s`, and a change of replica count must be wanted for the whole
+    delay before Serve makes it, so a short burst neither adds nor removes replicas."""
+
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=10)  # Serve wants it above its 10 s metrics push interval
+
+
+class HealthCheck(_Strict):
+    """How often Serve calls a replica's health check, and how long one may take before the replica is
+    replaced (an expert replica's check runs a token through its experts; a shard's asks whether its engine
+    runs)."""
+
+    period_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0)
+
+
 class AttentionConfig(_Strict):
     """The AttentionShard deployment: each replica owns requests, KV cache and the attention layers."""
 
     replicas: Replicas = Replicas()
+    autoscaling: Autoscaling = Autoscaling()  # used when replicas.min < replicas.max
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     kv_cache_memory: int | None = Field(None, ge=1)  # bytes; engine default when None
     target_ongoing_requests: float = Field(16.0, gt=0)  # autoscaling target per replica
+    health_check: HealthCheck = HealthCheck()
+
+
+class RebalanceConfig(_Strict):
+    """Live rebalancing of the expert placement from the routed-token load (see router_service/service.py)."""
+
+    interval_s: float | None = Field(None, gt=0)  # rebalance periodically; None: only on request
+    window_s: float = Field(60.0, gt=0)  # the load window that balancedness and the planner read
+    min_gain: float = Field(0.05, ge=0, le=1)  # periodic: least gain in mean balancedness worth a move
+    switch_timeout_s: float = Field(120.0, gt=0)  # replicas must load a new placement within this
+    settle_timeout_s: float = Field(30.0, gt=0)  # replicas drop moved-away experts at most this long after
 
 
 class ExpertGroupsConfig(_Strict):
@@ -62,13 +93,18 @@ class ExpertGroupsConfig(_Strict):
     num_groups: int = Field(2, ge=1)
     transport: Literal["grpc"] = "grpc"  # the per-layer hop between Serve replicas (see README)
     placement: Literal["linear", "round_robin"] | tuple[int, ...] = "linear"
+    redundant_slots: int = Field(0, ge=0)  # extra expert slots per group and layer, for copies of hot experts
+    initial_placement: str | None = None  # JSON file: a recorded load ({"load": [[...]]}) or a placement
+    rebalance: RebalanceConfig = RebalanceConfig()
     replicas: Replicas = Replicas()  # every group's bounds ...
     group_replicas: dict[int, Replicas] = {}  # ... unless overridden here, by group id
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float | None = Field(None, ge=0)  # per replica; None: 1 when the cluster has GPUs, else 0
     target_tokens_per_replica: float = Field(4096.0, gt=0)  # autoscaling: routed tokens/s one replica takes
+    autoscaling: Autoscaling = Autoscaling()  # for the groups whose bounds have min < max
     failover_timeout: float = Field(30.0, gt=0)
     call_timeout: float = Field(10.0, gt=0)
+    health_check: HealthCheck = HealthCheck()
 
     @model_validator(mode="after")
     def _known_groups(self):
@@ -113,17 +149,31 @@ class ServeConfig(_Strict):
 
 def load_config(path: str | Path) -> ServeConfig:
     """Read a `ServeConfig` (plain, or the args of a Serve config file's first application)."""
-    path = Path(path)
+    data = _read_yaml(Path(path))
+    serve_file = _as_serve_file(data)
+    if serve_file is not None:
+        data = serve_file["applications"][0].get("args") or {}
+    return parse_config(data, source=str(path))
+
+
+def load_serve_file(path: str | Path) -> dict | None:
+    """The mapping of a Serve config file (one with `applications:`), as written; None for a plain config."""
+    return _as_serve_file(_read_yaml(Path(path)))
+
+
+def _read_yaml(path: Path):
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
+
+
+def _as_serve_file(data) -> dict | None:
     if isinstance(data, dict) and "applications" in data:
-        apps = data["applications"] or [{}]
-        data = apps[0].get("args") or {}
-    return parse_config(data, source=str(path))
+        return {**data, "applications": data["applications"] or [{}]}
+    return None
 
 
 def parse_config(data: dict, source: str = "config") -> ServeConfig:

@@ -12,6 +12,11 @@ characters the client already has, so nothing is sent twice. Deltas keep the use
 
 The shards are behind the `Shards` protocol: `LocalShards` drives an in-process `AsyncLLM`; the Serve
 deployment graph (cluster/app.py) routes to AttentionShard replicas.
+
+Health means "a request could be served now": a shard answers that its engine works and, with expert groups,
+every group has a live replica (`expert_health` names the groups that have none). Each part is asked with a
+deadline of `HEALTH_TIMEOUT_S` and the parts run together, so `unavailable_reason` answers within about that
+time whatever hangs (a dead shard, a stopped router), naming what is missing.
 """
 
 import asyncio
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from cluster.config import Limits
+from cluster.metrics import ServingMetrics
 from engine.async_llm import AsyncLLM
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.llm_engine import Resume, check_request
@@ -35,7 +41,9 @@ from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 RESUME_BACKOFF_S = 0.1  # first wait before resubmitting; doubles per loss, at most 2 s
+HEALTH_TIMEOUT_S = 0.7  # each part of a health check, so that /health answers within 1 s
 ExpertInfo = Callable[[], Awaitable[dict | None]]
+ExpertHealth = Callable[[], Awaitable[list[int]]]  # the expert groups with no live replica now
 
 
 class ShardLost(Exception):
@@ -110,9 +118,13 @@ class _Leg:
 
 class Frontend:
     def __init__(self, model_name: str, tokenizer: Tokenizer, max_model_len: int, vocab_size: int,
-                 shards: Shards, limits: Limits = Limits(), expert_info: ExpertInfo | None = None):
+                 shards: Shards, limits: Limits = Limits(), expert_info: ExpertInfo | None = None,
+                 rebalance_experts: ExpertInfo | None = None, record_metrics: bool = True,
+                 expert_health: ExpertHealth | None = None):
         self.model_name, self.tokenizer, self.shards, self.limits = model_name, tokenizer, shards, limits
-        self._expert_info = expert_info
+        self.metrics = ServingMetrics(model_name) if record_metrics else None  # see cluster/metrics.py
+        self._expert_info, self._rebalance = expert_info, rebalance_experts
+        self._expert_health = expert_health
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self.num_requests = 0
         self.tokens_in_flight = 0
@@ -138,12 +150,41 @@ class Frontend:
         check_request(prompt_token_ids, params, self.max_model_len, self.vocab_size)
 
     async def healthy(self) -> bool:
-        return await self.shards.healthy()
+        return await self.unavailable_reason() is None
+
+    async def unavailable_reason(self) -> str | None:
+        """Why a request could not be served now (None when it could); see the module docstring."""
+        checks = [self._shards_problem()] + ([self._experts_problem()] if self._expert_health else [])
+        return "; ".join(p for p in await asyncio.gather(*checks) if p) or None
+
+    async def _shards_problem(self) -> str | None:
+        try:
+            healthy = await asyncio.wait_for(self.shards.healthy(), HEALTH_TIMEOUT_S)
+        except TimeoutError:
+            return f"no attention shard answered within {HEALTH_TIMEOUT_S:g} s"
+        except Exception as error:  # noqa: BLE001 - the reason is the answer
+            return f"the attention shards are unreachable: {_first_line(error)}"
+        return None if healthy else "no attention shard can take requests: the engine stopped"
+
+    async def _experts_problem(self) -> str | None:
+        try:
+            missing = await asyncio.wait_for(self._expert_health(), HEALTH_TIMEOUT_S)
+        except TimeoutError:
+            return f"the expert router did not answer within {HEALTH_TIMEOUT_S:g} s"
+        except Exception as error:  # noqa: BLE001 - the reason is the answer
+            return f"the expert router is unreachable: {_first_line(error)}"
+        if len(missing) > 1:
+            return f"expert groups {', '.join(map(str, missing))} have no live replica"
+        return f"expert group {missing[0]} has no live replica" if missing else None
 
     async def experts(self) -> dict | None:
         """Placement, live replicas and per-expert load (see `RouterService.describe`); None for a model
         whose experts live inside the shards."""
         return await self._expert_info() if self._expert_info is not None else None
+
+    async def rebalance_experts(self) -> dict | None:
+        """Rebalance the expert placement now (see `RouterService.rebalance`); None without expert groups."""
+        return await self._rebalance() if self._rebalance is not None else None
 
     # ---- generation ----
 
@@ -153,14 +194,26 @@ class Frontend:
         Raises `InvalidRequestError` or `OverloadedError` before the first delta. Closing the iterator (a
         client that disconnects, a deadline) aborts the request on its shard.
         """
-        self.check(prompt_token_ids, params)
-        cost = len(prompt_token_ids) + params.n * params.max_tokens
-        with self._admit(cost):
-            request_id = request_id or f"cmpl-{uuid.uuid4().hex}"
-            first = _Leg(ShardRequest(request_id, prompt_token_ids, params), list(range(params.n)))
-            async with contextlib.aclosing(self._run(first, params.n)) as deltas:  # closing us stops the legs now
-                async for delta in deltas:
-                    yield delta
+        try:
+            self.check(prompt_token_ids, params)
+            cost = len(prompt_token_ids) + params.n * params.max_tokens
+            with self._admit(cost):
+                timer = self.metrics.start(len(prompt_token_ids)) if self.metrics else None
+                request_id = request_id or f"cmpl-{uuid.uuid4().hex}"
+                first = _Leg(ShardRequest(request_id, prompt_token_ids, params), list(range(params.n)))
+                try:
+                    async with contextlib.aclosing(self._run(first, params.n)) as deltas:  # closing us stops the legs
+                        async for delta in deltas:
+                            if timer:
+                                timer.observe(delta)
+                            yield delta
+                finally:
+                    if timer:
+                        timer.close(params.n)
+        except (InvalidRequestError, OverloadedError) as error:
+            if self.metrics:
+                self.metrics.rejected("400" if isinstance(error, InvalidRequestError) else "429")
+            raise
 
     @contextlib.contextmanager
     def _admit(self, cost: int):
@@ -268,6 +321,11 @@ class Frontend:
             legs.append(_Leg(ShardRequest(f"{request.request_id}.{user_index}r{self.num_resubmits}",
                                           request.prompt_token_ids, one, resume), [user_index]))
         return legs
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def usage(prompt_token_ids: Sequence[int], outputs: Sequence[CompletionOutput]) -> dict:

@@ -4,8 +4,10 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)     # or return it from `__serve_build_asgi_app__`
 
 Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/experts` (the expert
-placement and load, 404 for a model without expert groups), `GET /health` (200, or 503 when the shards cannot
-take requests). With `api_keys`, every `/v1/` route needs `Authorization: Bearer <key>`; `/health` stays open
+placement, load and balancedness, 404 for a model without expert groups), `POST /v1/experts/rebalance` (plan
+and apply a new placement from the load window now), `GET /health` (200 `{"status": "ok"}` when a request could
+be served now, else 503 whose message names what is missing, e.g. "expert group 0 has no live replica"; always
+within 1 s). With `api_keys`, every `/v1/` route needs `Authorization: Bearer <key>`; `/health` stays open
 for load balancers.
 
 Every error is OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`:
@@ -76,6 +78,7 @@ def build_http_app(frontend: Frontend, *, api_keys: Sequence[str] = (), max_body
     api = _Api(frontend, tuple(api_keys), max_body_bytes or frontend.limits.max_body_bytes)
     routes = [api.route("/v1/models", "GET", api.models), api.route("/v1/completions", "POST", api.completions),
               api.route("/v1/chat/completions", "POST", api.chat), api.route("/v1/experts", "GET", api.experts),
+              api.route("/v1/experts/rebalance", "POST", api.rebalance),
               api.route("/health", "GET", api.health, needs_key=False)]
     return Starlette(routes=routes, exception_handlers={HTTPException: _route_error})
 
@@ -119,31 +122,40 @@ class _Api:
     async def experts(self, request: Request) -> Response:
         info = await self.frontend.experts()
         if info is None:
-            raise ApiError(404, f"{self.frontend.model_name!r} has no expert groups: its experts (if any) run "
-                           "inside the attention shards", code="not_found")
+            raise self._no_expert_groups()
         return JSONResponse(info)
 
+    async def rebalance(self, request: Request) -> Response:
+        result = await self.frontend.rebalance_experts()
+        if result is None:
+            raise self._no_expert_groups()
+        return JSONResponse(result)
+
     async def health(self, request: Request) -> Response:
-        try:
-            healthy = await self.frontend.healthy()
-        except Exception:  # noqa: BLE001 - a failing check means unhealthy
-            logger.warning("health check failed", exc_info=True)
-            healthy = False
-        if not healthy:
-            raise ApiError(503, "the server cannot take requests now", "server_error", code="service_unavailable")
+        reason = await self.frontend.unavailable_reason()  # bounded: answers within 1 s
+        if reason is not None:
+            raise ApiError(503, reason, "server_error", code="service_unavailable")
         return JSONResponse({"status": "ok"})
 
     # ---- helpers ----
+
+    def _no_expert_groups(self) -> ApiError:
+        return ApiError(404, f"{self.frontend.model_name!r} has no expert groups: its experts (if any) run "
+                        "inside the attention shards", code="not_found")
 
     def _authorize(self, request: Request) -> None:
         if not self.api_keys:
             return
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.api_keys):
-            raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            message = "missing API key: send the header 'Authorization: Bearer <key>'"
+        elif not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.api_keys):
+            message = "invalid API key"
+        else:
+            return
+        if self.frontend.metrics:
+            self.frontend.metrics.rejected("401")
+        raise ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def _read_json(self, request: Request) -> object:
         too_large = ApiError(413, f"the request body exceeds this server's limit of {self.max_body_bytes:,} "

@@ -6,8 +6,10 @@
 
 It joins the Ray cluster at RAY_ADDRESS or starts a local one, deploys the application "msem" (`deploy`:
 declaratively, like `serve deploy`, so running it again with other replica bounds rescales only the
-deployments whose bounds changed), waits (with a deadline) until `/health` answers, prints the HTTP, gRPC and experts endpoints, and
-serves until Ctrl-C (or returns at once with `--detach`, leaving the application on the cluster).
+deployments whose bounds changed; a Serve config file is deployed as written, so a later `serve deploy` of it
+with an edited `deployments:` section restarts only the deployments it names), waits (with a deadline) until
+`/health` answers, prints the HTTP, gRPC and experts endpoints, and serves until Ctrl-C (or returns at once
+with `--detach`, leaving the application on the cluster).
 """
 
 import os
@@ -16,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
-from cluster.config import ExpertGroupsConfig, ServeConfig, load_config
+from cluster.config import ExpertGroupsConfig, ServeConfig, load_config, load_serve_file
 
 
 class DeployFailedError(RuntimeError):
@@ -58,10 +60,10 @@ def run_serve(args) -> int:
     config = config_from_args(args)
     address = os.environ.get("RAY_ADDRESS")
     print(f"starting Ray {'at ' + address if address else 'locally'} ...", flush=True)
-    ray.init(address=address, namespace="msem", log_to_driver=False,
-             **({} if address else {"num_cpus": max(4, os.cpu_count() or 1)}))
+    context = ray.init(address=address, namespace="msem", log_to_driver=False,
+                       **({} if address else {"num_cpus": max(4, os.cpu_count() or 1)}))
     print(f"deploying {config.model} ({_layout(config)}) ...", flush=True)
-    deploy(config)
+    deploy(config, load_serve_file(args.config) if args.config else None)
     base = f"http://{_display_host(config.host)}:{config.http_port}"
     wait_until_healthy(base, args.timeout)
     print(f"ready: model {config.model_name!r}\n"
@@ -70,6 +72,7 @@ def run_serve(args) -> int:
           f"  experts      {base}/v1/experts" +
           (f"\n  gRPC         {_display_host(config.host)}:{config.grpc_port} (msem.inference.v1.Inference)"
            if config.grpc_port is not None else ""), flush=True)
+    print(ray_access(context.dashboard_url), flush=True)
     if args.detach:
         return 0
     try:
@@ -82,6 +85,29 @@ def run_serve(args) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def ray_access(dashboard_url: str | None) -> str:
+    """How to reach the Ray side: the dashboard, Ray 2.60's token authentication, the metrics.
+
+    A cluster that `ray.init` starts has token authentication on unless RAY_AUTH_MODE says otherwise (Ray then
+    writes a token to ~/.ray/auth_token if there is none, and sets RAY_AUTH_MODE=token in this process only);
+    `ray start --head` turns it on when a token already exists. Ray's CLIs send the token only when
+    RAY_AUTH_MODE=token is set in their own shell, so `serve status` and `ray list actors` fail without it.
+    """
+    lines = [f"  Ray dashboard http://{dashboard_url}   (Serve tab: deployments, replicas, logs)" if dashboard_url
+             else "  Ray dashboard not running (install ray[default] for it and for the metrics)"]
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        token = os.environ.get("RAY_AUTH_TOKEN_PATH") or (
+            "the RAY_AUTH_TOKEN variable" if os.environ.get("RAY_AUTH_TOKEN") else "~/.ray/auth_token")
+        lines += [f"  Ray token    this cluster requires Ray's authentication token (from {token}):",
+                  "               export RAY_AUTH_MODE=token   in a shell before `serve status`, `ray list actors`",
+                  "               dashboard API: header 'Authorization: Bearer <token>' (ray get-auth-token "
+                  "prints it);",
+                  "               the dashboard page asks for the token once"]
+    lines.append("  metrics      ray_msem_* and ray_vllm_* on Ray's metrics export; for the Grafana panels run "
+                 "`msem dashboard install`")
+    return "\n".join(lines)
 
 
 def wait_until_healthy(base_url: str, timeout: float) -> None:

@@ -1,4 +1,4 @@
-"""Integration fixtures: one local Ray instance per test module, on this machine only."""
+"""Integration fixtures: one local Ray instance per test module, on this machine only; the reference engine."""
 
 import pytest
 
@@ -11,3 +11,17 @@ def ray_cluster():
              configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """`reference(prompt, max_tokens)`: the greedy text of the single-process engine on the tiny preset."""
+    from engine import LLM, SamplingParams
+    from tests.integration.serving import MAX_MODEL_LEN
+
+    llm = LLM("tiny", dtype="float32", max_model_len=MAX_MODEL_LEN, progress=False)
+
+    def complete(prompt: str, max_tokens: int) -> str:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        return llm.generate(prompt, params)[0].outputs[0].text
+    return complete

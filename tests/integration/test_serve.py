@@ -5,106 +5,36 @@ Outputs are compared with the in-process single-process engine on the same prese
 """
 
 import asyncio
-import os
-import signal
-import socket
 import time
 
 import httpx2 as httpx
 import pytest
 
-from cluster.config import Replicas, ServeConfig
+from cluster.config import Replicas
+from tests.integration.serving import (deploy_and_wait, kill_replicas, openai_client, replica_pids, stream_text,
+                                       tiny_config)
 
 pytestmark = pytest.mark.slow
-MAX_MODEL_LEN = 512
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _config(http_port: int, grpc_port: int, **expert_groups) -> ServeConfig:
-    return ServeConfig.model_validate({
-        "model": "tiny", "max_model_len": MAX_MODEL_LEN, "host": "127.0.0.1", "http_port": http_port,
-        "grpc_port": grpc_port,
-        "attention": {"kv_cache_memory": 64 << 20, "num_cpus": 0.5},
-        "expert_groups": {"num_groups": 2, "num_cpus": 0.25, **expert_groups}})
-
-
-def _deploy(config: ServeConfig) -> None:
-    from cluster.app import deploy
-    from cluster.serve_command import wait_until_healthy
-
-    deploy(config)
-    wait_until_healthy(f"http://127.0.0.1:{config.http_port}", timeout=300)
 
 
 @pytest.fixture(scope="module")
 def app(ray_cluster):
     from ray import serve
 
-    config = _config(_free_port(), _free_port())
-    _deploy(config)
+    config = tiny_config()
+    deploy_and_wait(config)
     yield config
     serve.shutdown()
 
 
-@pytest.fixture(scope="module")
-def reference():
-    """Greedy outputs of the single-process engine on the same preset."""
-    from engine import LLM, SamplingParams
-
-    llm = LLM("tiny", dtype="float32", max_model_len=MAX_MODEL_LEN, progress=False)
-
-    def complete(prompt: str, max_tokens: int) -> str:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        return llm.generate(prompt, params)[0].outputs[0].text
-    return complete
-
-
-def _openai(config: ServeConfig):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"http://127.0.0.1:{config.http_port}/v1", api_key="unused", max_retries=0)
-
-
-def _replica_pids(deployment: str) -> dict[str, int]:
-    """Actor id -> pid of the deployment's live replicas (from the GCS: no dashboard in these tests)."""
-    from ray._private.state import actors
-
-    return {a["ActorID"]: a["Pid"] for a in actors().values()
-            if a["ActorClassName"] == f"ServeReplica:msem:{deployment}" and a["State"] == "ALIVE"}
-
-
-def _kill(deployment: str) -> list[int]:
-    pids = list(_replica_pids(deployment).values())
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    return pids
-
-
-def _stream_text(client, prompt: str, max_tokens: int, on_first=None) -> tuple[str, str | None]:
-    text, finish = "", None
-    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                       stream=True, extra_body={"ignore_eos": True})
-    for i, chunk in enumerate(stream):
-        if i == 0 and on_first is not None:
-            on_first()
-        text += chunk.choices[0].text if chunk.choices else ""
-        finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
-    return text, finish
-
-
 def test_openai_api_matches_the_single_process_engine(app, reference):
-    client = _openai(app)
+    client = openai_client(app)
     assert [m.id for m in client.models.list().data] == ["tiny"]
     out = client.completions.create(model="tiny", prompt="Hello there", max_tokens=12, temperature=0,
                                     extra_body={"ignore_eos": True})
     assert out.choices[0].text == reference("Hello there", 12)
     assert out.usage.completion_tokens == 12
-    text, finish = _stream_text(client, "Hello there", 12)
+    text, finish = stream_text(client, "Hello there", 12)
     assert (text, finish) == (reference("Hello there", 12), "length")
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                           max_tokens=6, n=2, temperature=0.8, seed=1)
@@ -154,27 +84,28 @@ def test_disconnect_aborts_the_request(app):
 
 @pytest.mark.parametrize("deployment", ["AttentionShard", "ExpertGroup0"])
 def test_killed_replica_mid_stream_loses_nothing(app, reference, deployment):
-    before = _replica_pids(deployment)
+    before = replica_pids(deployment)
     killed = []
-    text, finish = _stream_text(_openai(app), "Once upon a time", 120,
-                                on_first=lambda: killed.extend(_kill(deployment)))
+    text, finish = stream_text(openai_client(app), "Once upon a time", 120,
+                                on_first=lambda: killed.extend(kill_replicas(deployment)))
     assert killed and set(before.values()) == set(killed)
     assert (text, finish) == (reference("Once upon a time", 120), "length")
-    after = _replica_pids(deployment)
+    after = replica_pids(deployment)
     assert after and not set(after) & set(before)  # Serve replaced the replica
 
 
 def test_scaling_one_expert_group_touches_only_that_deployment(app):
-    others = {d: set(_replica_pids(d)) for d in ("Ingress", "AttentionShard", "Router", "ExpertGroup0")}
-    group1 = set(_replica_pids("ExpertGroup1"))
-    _deploy(_config(app.http_port, app.grpc_port, group_replicas={1: Replicas(min=2, max=2)}))
+    others = {d: set(replica_pids(d)) for d in ("Ingress", "AttentionShard", "Router", "ExpertGroup0")}
+    group1 = set(replica_pids("ExpertGroup1"))
+    deploy_and_wait(app.model_copy(update={"expert_groups": app.expert_groups.model_copy(
+        update={"group_replicas": {1: Replicas(min=2, max=2)}})}))
     deadline = time.monotonic() + 120
-    while len(_replica_pids("ExpertGroup1")) < 2:
+    while len(replica_pids("ExpertGroup1")) < 2:
         assert time.monotonic() < deadline, "the second replica of group 1 never started"
         time.sleep(0.2)
-    assert {d: set(_replica_pids(d)) for d in others} == others
-    assert group1 < set(_replica_pids("ExpertGroup1"))
-    client = _openai(app)
+    assert {d: set(replica_pids(d)) for d in others} == others
+    assert group1 < set(replica_pids("ExpertGroup1"))
+    client = openai_client(app)
     deadline = time.monotonic() + 60
     while True:
         client.completions.create(model="tiny", prompt="Scale", max_tokens=8, extra_body={"ignore_eos": True})

@@ -6,9 +6,9 @@ from cluster.config import Limits
 from cluster.frontend import Frontend, LocalShards
 
 
-def make_frontend(llm, limits: Limits = Limits(), expert_info=None) -> Frontend:
+def make_frontend(llm, limits: Limits = Limits(), expert_info=None, rebalance=None) -> Frontend:
     return Frontend("tiny", llm.tokenizer, llm.max_model_len, llm.llm.engine.model.config.vocab_size,
-                    LocalShards(llm), limits, expert_info)
+                    LocalShards(llm), limits, expert_info, rebalance)
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,8 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def _ctx(rates: dict, lo=1, hi=4, target=2):
-    return SimpleNamespace(aggregated_metrics={"routed_tokens_per_s": rates} if rates is not None else None,
+    return SimpleNamespace(deployment_name="ExpertGroup1",
+                           aggregated_metrics={"routed_tokens_per_s": rates} if rates is not None else None,
                            capacity_adjusted_min_replicas=lo, capacity_adjusted_max_replicas=hi,
                            target_num_replicas=target)
 

@@ -1,6 +1,8 @@
-"""The frontend resumes requests whose shard died, so the client sees exactly a fault-free run."""
+"""The frontend resumes requests whose shard died, so the client sees exactly a fault-free run; its health
+check names what is missing, within a second."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -95,3 +97,56 @@ def test_edge_checks_before_any_shard(async_llm):
         frontend.check([1, 2], SamplingParams(n=5))
     with pytest.raises(InvalidRequestError, match="256"):
         frontend.check([1] * 300, SamplingParams())
+
+
+# --- health -----------------------------------------------------------------------------------------------------
+
+HANG = "hang"
+
+
+async def _answer(answer):
+    """`answer` as an async check would give it: a value, an exception raised, or no answer at all."""
+    if answer == HANG:
+        await asyncio.Event().wait()
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
+class StubShards(LocalShards):
+    def __init__(self, llm, healthy):
+        super().__init__(llm)
+        self.answer = healthy
+
+    async def healthy(self) -> bool:
+        return await _answer(self.answer)
+
+
+def health_frontend(llm, shards_healthy=True, missing_groups=None) -> Frontend:
+    """A frontend whose shards answer `shards_healthy` and whose router answers `missing_groups` (None: the
+    model has no expert groups)."""
+    expert_health = None if missing_groups is None else (lambda: _answer(missing_groups))
+    return Frontend("tiny", llm.tokenizer, llm.max_model_len, 32000, StubShards(llm, shards_healthy),
+                    record_metrics=False, expert_health=expert_health)
+
+
+@pytest.mark.parametrize("shards, groups, reason", [
+    (True, None, None),
+    (True, [], None),
+    (True, [0], "expert group 0 has no live replica"),
+    (True, [0, 2], "expert groups 0, 2 have no live replica"),
+    (False, [], "no attention shard can take requests: the engine stopped"),
+    (HANG, None, "no attention shard answered within 0.7 s"),
+    (RuntimeError("no replica"), None, "the attention shards are unreachable: RuntimeError: no replica"),
+    (True, HANG, "the expert router did not answer within 0.7 s"),
+    (True, RuntimeError("the actor died\n  traceback ..."), "the expert router is unreachable: RuntimeError: "
+                                                            "the actor died"),
+    (HANG, [1], "no attention shard answered within 0.7 s; expert group 1 has no live replica"),
+    (HANG, HANG, "no attention shard answered within 0.7 s; the expert router did not answer within 0.7 s"),
+])
+def test_health_names_what_is_missing_within_a_second(async_llm, shards, groups, reason):
+    frontend = health_frontend(async_llm, shards, groups)
+    began = time.monotonic()
+    assert asyncio.run(frontend.unavailable_reason()) == reason
+    assert time.monotonic() - began < 1.0
+    assert asyncio.run(frontend.healthy()) is (reason is None)

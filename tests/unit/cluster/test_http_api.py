@@ -235,6 +235,44 @@ def test_health_models_and_experts(async_llm, base, client):
         assert httpx2.get(f"{url}/v1/experts").json() == asyncio.run(expert_info())
 
 
+def test_rebalance_needs_the_api_key_and_expert_groups(async_llm, base):
+    assert httpx2.post(f"{base}/v1/experts/rebalance", headers=AUTH).status_code == 404  # no expert groups
+    calls = []
+
+    async def rebalance():
+        calls.append(1)
+        return {"status": "applied", "placement_version": 1, "moved": 3}
+
+    with serve(make_frontend(async_llm, rebalance=rebalance), api_keys=(KEY,)) as url:
+        refused = httpx2.post(f"{url}/v1/experts/rebalance")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key" and not calls
+        assert httpx2.get(f"{url}/v1/experts/rebalance", headers=AUTH).status_code == 405
+        done = httpx2.post(f"{url}/v1/experts/rebalance", headers=AUTH)
+        assert done.status_code == 200 and done.json()["status"] == "applied" and calls == [1]
+
+
+@pytest.mark.parametrize("shards, groups, status, message", [
+    (True, [], 200, None),
+    (True, [0], 503, "expert group 0 has no live replica"),
+    ("hang", [], 503, "no attention shard answered within 0.7 s"),
+    ("hang", "hang", 503, "no attention shard answered within 0.7 s; the expert router did not answer within 0.7 s"),
+])
+def test_health_tells_what_is_missing_within_a_second(async_llm, shards, groups, status, message):
+    from tests.unit.cluster.test_frontend import health_frontend
+
+    with serve(health_frontend(async_llm, shards, groups), api_keys=(KEY,)) as url:
+        for _ in range(3):  # a hanging part never makes /health hang, however often it is asked
+            began = time.monotonic()
+            reply = httpx2.get(f"{url}/health", timeout=5)
+            assert time.monotonic() - began < 1.0
+            assert reply.status_code == status
+            if status == 200:
+                assert reply.json() == {"status": "ok"}
+            else:
+                assert reply.json() == {"error": {"message": message, "type": "server_error", "param": None,
+                                                  "code": "service_unavailable"}}
+
+
 class FailingShards(LocalShards):
     """The engine's streams, failing with `error` after `after` deltas; never healthy."""
 

@@ -1,0 +1,68 @@
+"""Helpers for tests of the Serve application on a local Ray: configs on loopback ports, deploying, replicas."""
+
+import os
+import signal
+import socket
+
+from cluster.config import ServeConfig
+
+MAX_MODEL_LEN = 512
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_config(**overrides) -> ServeConfig:
+    """The tiny preset with two expert groups on free loopback ports, sized for a 2-core machine; `overrides`
+    replace top-level fields, and `expert_groups` / `attention` entries are merged into the defaults."""
+    data = {"model": "tiny", "max_model_len": MAX_MODEL_LEN, "host": "127.0.0.1", "http_port": free_port(),
+            "grpc_port": free_port(), "attention": {"kv_cache_memory": 64 << 20, "num_cpus": 0.5},
+            "expert_groups": {"num_groups": 2, "num_cpus": 0.25}}
+    for key in ("attention", "expert_groups"):
+        data[key] = {**data[key], **overrides.pop(key, {})}
+    return ServeConfig.model_validate({**data, **overrides})
+
+
+def deploy_and_wait(config: ServeConfig, timeout: float = 300) -> None:
+    from cluster.app import deploy
+    from cluster.serve_command import wait_until_healthy
+
+    deploy(config)
+    wait_until_healthy(f"http://127.0.0.1:{config.http_port}", timeout=timeout)
+
+
+def openai_client(config: ServeConfig):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"http://127.0.0.1:{config.http_port}/v1", api_key="unused", max_retries=0)
+
+
+def replica_pids(deployment: str) -> dict[str, int]:
+    """Actor id -> pid of the deployment's live replicas (from the GCS: no dashboard needed)."""
+    from ray._private.state import actors
+
+    return {a["ActorID"]: a["Pid"] for a in actors().values()
+            if a["ActorClassName"] == f"ServeReplica:msem:{deployment}" and a["State"] == "ALIVE"}
+
+
+def kill_replicas(deployment: str) -> list[int]:
+    pids = list(replica_pids(deployment).values())
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def stream_text(client, prompt: str, max_tokens: int, on_first=None) -> tuple[str, str | None]:
+    """A greedy streamed completion's text and finish reason; `on_first` runs when the first chunk arrives."""
+    text, finish = "", None
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    for i, chunk in enumerate(stream):
+        if i == 0 and on_first is not None:
+            on_first()
+        text += chunk.choices[0].text if chunk.choices else ""
+        finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+    return text, finish
