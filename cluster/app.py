@@ -388,12 +388,22 @@ class AttentionShard:
     expert_groups-less config)."""
 
     async def __init__(self, model_dir: str, config: ServeConfig, router):
-        self.llm = await asyncio.to_thread(self._load, _local_model_dir(model_dir, config), config, router)
-        engine = EngineMetrics(config.model_name, serve.get_replica_context().replica_id.unique_id)
-        self._stop_metrics = publish_every(METRICS_S, lambda: engine.publish(self.llm.stats()), "msem-engine-metrics")
+        self.llm, self.experts = await asyncio.to_thread(self._load, _local_model_dir(model_dir, config), config,
+                                                         router)
+        self.metrics = EngineMetrics(config.model_name, serve.get_replica_context().replica_id.unique_id)
+        self._stop_metrics = publish_every(METRICS_S, self._publish, "msem-engine-metrics")
+
+    def _publish(self) -> None:
+        """Once a second: the engine's stats; and the expert load and layer-path stats gathered since the last
+        step boundary pushed them (steps push only while the engine runs, so an idle shard would keep its last
+        second of counts)."""
+        self.metrics.publish(self.llm.stats())
+        if self.experts is not None:
+            self.experts.flush_load()
+            self.experts.flush_stats(due_only=True)
 
     @staticmethod
-    def _load(model_dir: Path, config: ServeConfig, router) -> AsyncLLM:
+    def _load(model_dir: Path, config: ServeConfig, router) -> tuple[AsyncLLM, RemoteExperts | None]:
         device, dtype = resolve_device_dtype("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu",
                                              config.dtype)
         attention, experts = config.attention, None
@@ -411,7 +421,7 @@ class AttentionShard:
                   device=str(device), max_model_len=config.max_model_len, max_num_seqs=attention.max_num_seqs,
                   max_num_batched_tokens=attention.max_num_batched_tokens,
                   kv_cache_memory=attention.kv_cache_memory, experts=experts, progress=False)
-        return AsyncLLM.from_llm(llm)
+        return AsyncLLM.from_llm(llm), experts
 
     async def stream(self, request: ShardRequest) -> AsyncIterator[RequestOutput]:
         async for delta in self.llm.add_request(request.prompt_token_ids, request.params, request.request_id,

@@ -11,7 +11,11 @@ Because experts are pure, the re-sent batch computes the same bits, so clients s
 different token.
 
 A failed replica is skipped until the table changes after its failure (it was dropped, or re-registered with
-new endpoints), so a dead replica costs one failed send per table version, not one per layer.
+new endpoints), so a dead replica costs one failed send per table version, not one per layer. A replica that
+the router finds alive stays listed and the table does not change, so it is skipped for one wait round only
+(about a second): a send can fail while the replica is up, e.g. to a restarted Ray actor, which registers from
+its constructor but answers calls only once that returns. Skipped until a change, a lone replica would be
+stranded and its group would fail after `failover_timeout`.
 
 Replica choice. Among a group's live replicas a send goes to the one with the fewest tokens in flight from this
 shard (`dispatch.choose_replica`). The choice and the reservation of the batch's tokens happen together under
@@ -20,7 +24,9 @@ replicas instead of all seeing zero; the tokens are taken back in a `finally` on
 raises or not.
 
 Load. Tokens routed to each (layer, expert) are counted here and pushed to the router about once a second; the
-router aggregates them for autoscaling and the experts dashboard.
+router aggregates them for autoscaling and the experts dashboard. Pushes happen at step boundaries, so the
+last second of counts before the engine goes idle stays here until the owner calls `flush_load` (a Serve shard
+does so every second; `close` does it too). `flush_load` may run on another thread than the engine's.
 
 Stats. With a `stats_sink`, the layer path also gathers what a metrics exporter needs (`LayerPathStats`): token
 slots per (replica, layer, expert) as [L, E] tensors added to per send, the seconds of each answered send per
@@ -95,11 +101,12 @@ class RemoteExperts:
         self._lock = threading.Lock()  # replica choice, in-flight tokens and the tallies below
         self.failover_timeout, self.refresh_interval = failover_timeout, refresh_interval
         self.load_report_interval, self.poll_interval = load_report_interval, poll_interval
+        self._wait_round_s = poll_interval * 50  # one `_wait_for_change`
         self.table = self._wait_for_table(None)
         self._copy_table = (self.table.placement.version, *self.table.placement.copy_table())  # [L, E, C], [L, E]
         self.outstanding: dict[str, int] = {}
         self.sent: dict[str, int] = {}
-        self._failed: dict[str, int] = {}  # replica id -> table version when it failed
+        self._failed: dict[str, tuple[int, float]] = {}  # replica id -> (table version, time) of its failure
         placement = self.table.placement
         self._load = torch.zeros(placement.num_layers, placement.num_experts, dtype=torch.long)
         self._last_refresh = self._last_report = self._last_stats = time.monotonic()
@@ -171,9 +178,14 @@ class RemoteExperts:
         return results
 
     def _pick(self, group_id: int) -> ReplicaInfo | None:
-        table = self.table
-        live = [r for r in table.replicas_of(group_id) if self._failed.get(r.replica_id, -1) < table.version]
+        now = time.monotonic()
+        live = [r for r in self.table.replicas_of(group_id) if not self._skipped(r.replica_id, now)]
         return choose_replica(live, self.outstanding, self.sent)
+
+    def _skipped(self, replica_id: str, now: float) -> bool:
+        """Failed, and neither has the table changed since nor has a wait round passed."""
+        version, failed_at = self._failed.get(replica_id, (-1, 0.0))
+        return version >= self.table.version and now - failed_at < self._wait_round_s
 
     def _reserve(self, send: GroupSend) -> ReplicaInfo | None:
         """Pick the send's replica and count its tokens in flight there, in one step (see the docstring)."""
@@ -222,7 +234,7 @@ class RemoteExperts:
         logger.warning("expert replica %s failed: %s", replica.replica_id, failure.reason)
         with self._lock:
             self.failover.failed_sends += 1
-        self._failed[replica.replica_id] = self.table.version
+        self._failed[replica.replica_id] = (self.table.version, time.monotonic())
         self.router.report_failure(replica.replica_id)
         self._refresh()
 
@@ -245,7 +257,7 @@ class RemoteExperts:
 
     def _wait_for_change(self) -> None:
         version = self.table.version
-        end = time.monotonic() + self.poll_interval * 50
+        end = time.monotonic() + self._wait_round_s
         while self.table.version == version and time.monotonic() < end:
             time.sleep(self.poll_interval)
             self._refresh()

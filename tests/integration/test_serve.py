@@ -63,7 +63,11 @@ def test_grpc_and_experts_dashboard(app):
     experts = httpx.get(f"http://127.0.0.1:{app.http_port}/v1/experts").json()
     assert [g["experts"] for g in experts["groups"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert all(len(g["replicas"]) == 1 for g in experts["groups"])
-    assert sum(experts["load"]["per_expert"]) > 0  # the shards reported routed tokens
+    deadline = time.monotonic() + 10  # the shards push routed tokens about once a second, also once idle
+    while sum(experts["load"]["per_expert"]) == 0:
+        assert time.monotonic() < deadline, "the shards never reported the tokens they routed"
+        time.sleep(0.2)
+        experts = httpx.get(f"http://127.0.0.1:{app.http_port}/v1/experts").json()
 
 
 def test_disconnect_aborts_the_request(app):

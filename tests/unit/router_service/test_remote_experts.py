@@ -113,6 +113,24 @@ def test_a_lone_replica_that_restarts_is_waited_for(mixtral_dir, reference):
     assert max(backend.failover.stall_seconds) >= 0.2
 
 
+def test_a_lone_replica_that_fails_a_send_while_alive_is_sent_to_again(mixtral_dir, reference):
+    service, transport, backend = local_cluster(mixtral_dir, (1, 1), failover_timeout=5.0)
+    version = service.table.version
+    forward = transport.forward
+
+    def unavailable_once(sends, **timing):  # like a call to a restarted Ray actor whose constructor runs still
+        answers = forward(sends, **timing)
+        if transport.calls == 6:
+            answers = [ReplicaFailure(r.replica_id, "unavailable") if r.replica_id == "g1-r0" else answer
+                       for (r, _), answer in zip(sends, answers)]
+        return answers
+
+    transport.forward = unavailable_once
+    outs = small_llm(mixtral_dir, experts=backend).generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
+    same_greedy_outputs(outs, reference, tol=0.0)
+    assert backend.failover.failed_sends == 1 and service.table.version == version  # alive: kept in the table
+
+
 def test_a_group_that_never_returns_fails_after_the_timeout(mixtral_dir):
     service, transport, backend = local_cluster(mixtral_dir, (1, 1), failover_timeout=0.5)
     transport.dead.add("g1-r0")
