@@ -188,32 +188,28 @@ class Frontend:
 
     # ---- generation ----
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> AsyncGenerator[RequestOutput, None]:
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Validate, admit and run one request; yields deltas with the user's sample indices.
 
         Raises `InvalidRequestError` or `OverloadedError` before the first delta. Closing the iterator (a
         client that disconnects, a deadline) aborts the request on its shard.
         """
-        try:
-            self.check(prompt_token_ids, params)
-            cost = len(prompt_token_ids) + params.n * params.max_tokens
-            with self._admit(cost):
-                timer = self.metrics.start(len(prompt_token_ids)) if self.metrics else None
-                request_id = request_id or f"cmpl-{uuid.uuid4().hex}"
-                first = _Leg(ShardRequest(request_id, prompt_token_ids, params), list(range(params.n)))
-                try:
-                    async with contextlib.aclosing(self._run(first, params.n)) as deltas:  # closing us stops the legs
-                        async for delta in deltas:
-                            if timer:
-                                timer.observe(delta)
-                            yield delta
-                finally:
-                    if timer:
-                        timer.close(params.n)
-        except (InvalidRequestError, OverloadedError) as error:
-            if self.metrics:
-                self.metrics.rejected("400" if isinstance(error, InvalidRequestError) else "429")
-            raise
+        self.check(prompt_token_ids, params)
+        cost = len(prompt_token_ids) + params.n * params.max_tokens
+        with self._admit(cost):
+            timer = self.metrics.start(len(prompt_token_ids)) if self.metrics else None
+            request_id = request_id or f"cmpl-{uuid.uuid4().hex}"
+            first = _Leg(ShardRequest(request_id, prompt_token_ids, params), list(range(params.n)))
+            try:
+                async with contextlib.aclosing(self._run(first, params.n)) as deltas:  # closing us stops the legs
+                    async for delta in deltas:
+                        if timer:
+                            timer.observe(delta)
+                        yield delta
+            finally:
+                if timer:
+                    timer.close(params.n)
 
     @contextlib.contextmanager
     def _admit(self, cost: int):

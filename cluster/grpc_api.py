@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "msem.inference.v1.Inference"
 
+REJECTED = {grpc.StatusCode.INVALID_ARGUMENT: "400", grpc.StatusCode.UNAUTHENTICATED: "401",
+            grpc.StatusCode.NOT_FOUND: "404", grpc.StatusCode.RESOURCE_EXHAUSTED: "429"}
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownModelError, grpc.StatusCode.NOT_FOUND),
@@ -129,6 +131,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def _rpc(self, context: grpc.aio.ServicerContext):
         """Check the API key, then run the RPC's body, answering its errors with their status codes."""
         if self._api_keys and not self._authorized(context):
+            self._rejected(grpc.StatusCode.UNAUTHENTICATED)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or wrong API key: send metadata `authorization: Bearer <key>`")
         try:
@@ -141,7 +144,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 logger.exception("gRPC request failed")
                 await context.abort(grpc.StatusCode.INTERNAL,
                                     f"internal server error ({type(error).__name__}); the server logged it")
+            self._rejected(code)
             await context.abort(code, str(error))
+
+    def _rejected(self, code: grpc.StatusCode) -> None:
+        """Count a refusal under the HTTP status of the same meaning, as the HTTP edge does."""
+        if code in REJECTED and self.frontend.metrics:
+            self.frontend.metrics.rejected(REJECTED[code])
 
     def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
         header = dict(context.invocation_metadata() or ()).get("authorization", "")

@@ -55,6 +55,7 @@ from engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
+REJECTED = (400, 401, 404, 413, 429)  # refusals counted in msem_requests_rejected, by status
 
 
 class ApiError(Exception):
@@ -95,7 +96,10 @@ class _Api:
                     self._authorize(request)
                 return await handler(request)
             except Exception as error:  # noqa: BLE001 - every failure is answered in OpenAI's error JSON
-                return _api_error(error).response()
+                answer = _api_error(error)
+                if answer.status in REJECTED and self.frontend.metrics:
+                    self.frontend.metrics.rejected(str(answer.status))
+                return answer.response()
 
         return Route(path, endpoint, methods=[method])
 
@@ -153,8 +157,6 @@ class _Api:
             message = "invalid API key"
         else:
             return
-        if self.frontend.metrics:
-            self.frontend.metrics.rejected("401")
         raise ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def _read_json(self, request: Request) -> object:

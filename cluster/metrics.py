@@ -17,7 +17,7 @@ A vLLM alert rule carries over by writing `ray_vllm_` for `vllm:`. msem's own se
                vllm_time_to_first_token_seconds, vllm_inter_token_latency_seconds,
                vllm_e2e_request_latency_seconds, vllm_request_time_per_output_token_seconds,
                vllm_request_prompt_tokens, vllm_prompt_tokens, vllm_generation_tokens    {model_name}
-               vllm_request_success {model_name, finished_reason}, msem_requests_rejected {reason: 400|401|429}
+               vllm_request_success {model_name, finished_reason}, msem_requests_rejected {reason: 400|401|404|413|429}
     experts    msem_expert_routed_tokens {layer, expert, group, replica}, msem_expert_balancedness {layer},
                msem_expert_dispatch_seconds {transport, group}, msem_expert_outstanding_tokens {replica},
                msem_expert_failovers, msem_expert_failover_stall_seconds, msem_expert_group_replicas {group},
@@ -93,8 +93,9 @@ def _serving_series() -> _ServingSeries:
         generation_tokens=Counter("vllm_generation_tokens", "Tokens generated.", model),
         success=Counter("vllm_request_success", "Finished samples, by finish reason (stop, length, abort).",
                         model + ("finished_reason",)),
-        rejected=Counter("msem_requests_rejected", "Requests refused at the edge, by HTTP status: 400 bad input, "
-                         "401 missing or wrong API key, 429 admission limits.", ("reason",)),
+        rejected=Counter("msem_requests_rejected", "Requests refused at the edge, by HTTP status (gRPC refusals "
+                         "under the same meaning): 400 bad input, 401 missing or wrong API key, 404 unknown model, "
+                         "413 body too large, 429 admission limits.", ("reason",)),
     )
 
 

@@ -265,7 +265,7 @@ def test_request_timer_spreads_merged_tokens_and_counts_aborts(recorded):
     assert recorded["vllm_e2e_request_latency_seconds"].get(**tags) == []  # aborted: no end-to-end latency
 
 
-def test_frontend_records_latency_tokens_finish_and_rejections(recorded, async_llm):
+def test_frontend_records_latency_tokens_and_finish_reasons(recorded, async_llm):
     frontend = make_frontend(async_llm, Limits(max_requests=1))
 
     async def run():
@@ -290,20 +290,41 @@ def test_frontend_records_latency_tokens_finish_and_rejections(recorded, async_l
     assert recorded["vllm_generation_tokens"].get(**tags) >= 13  # 2 x 6, and the held request's first
     assert recorded["vllm_request_success"].get(**tags, finished_reason="length") == 2
     assert recorded["vllm_request_success"].get(**tags, finished_reason="abort") == 1
-    assert recorded["msem_requests_rejected"].get(reason="400") == 1
-    assert recorded["msem_requests_rejected"].get(reason="429") == 1
 
 
-def test_http_401_is_counted(recorded, async_llm):
+def test_every_refusal_at_the_http_edge_is_counted_by_status(recorded, async_llm):
     from starlette.testclient import TestClient
 
     from cluster.http_api import build_http_app
 
     client = TestClient(build_http_app(make_frontend(async_llm), api_keys=("sk-right",)))
+    key = {"Authorization": "Bearer sk-right"}
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer sk-wrong"}).status_code == 401
-    assert client.get("/v1/models", headers={"Authorization": "Bearer sk-right"}).status_code == 200
-    assert recorded["msem_requests_rejected"].get(reason="401") == 2
+    assert client.get("/v1/models", headers=key).status_code == 200
+    assert client.post("/v1/completions", headers=key, content=b"{not json").status_code == 400  # the parser's
+    assert client.post("/v1/completions", headers=key, json={"prompt": [10**9], "max_tokens": 2}).status_code == 400
+    assert client.post("/v1/completions", headers=key, json={"model": "gpt", "prompt": "x"}).status_code == 404
+    assert {reason: recorded["msem_requests_rejected"].get(reason=reason) for reason in ("400", "401", "404")} \
+        == {"400": 2, "401": 2, "404": 1}  # 429: the integration test, with requests really in flight
+
+
+def test_grpc_refusals_are_counted_under_their_http_status(recorded, async_llm):
+    from cluster.client import InferenceClient, InferenceError
+    from cluster.grpc_api import start_grpc_server
+
+    async def run():
+        server, port = await start_grpc_server(make_frontend(async_llm), "127.0.0.1", 0, api_keys=("sk-right",))
+        try:
+            for key in (None, "sk-right"):
+                client = InferenceClient(f"127.0.0.1:{port}", api_key=key)
+                with pytest.raises(InferenceError):
+                    await asyncio.to_thread(client.generate, "x", max_tokens=0)
+        finally:
+            await server.stop(None)
+    asyncio.run(run())
+    assert recorded["msem_requests_rejected"].get(reason="401") == 1
+    assert recorded["msem_requests_rejected"].get(reason="400") == 1
 
 
 def test_engine_stats_count_prefix_cache_tokens(async_llm):
