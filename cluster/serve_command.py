@@ -8,7 +8,7 @@ It joins the Ray cluster at RAY_ADDRESS or starts a local one, deploys the appli
 declaratively, like `serve deploy`, so running it again with other replica bounds rescales only the
 deployments whose bounds changed; a Serve config file is deployed as written, so a later `serve deploy` of it
 with an edited `deployments:` section restarts only the deployments it names), waits (with a deadline) until
-`/health` answers, prints the HTTP, gRPC and experts endpoints, and serves until Ctrl-C (or returns at once
+`/health` answers, prints the HTTP, gRPC and experts endpoints, and serves until Ctrl-C or SIGTERM (or returns at once
 with `--detach`, leaving the application on the cluster).
 """
 
@@ -75,11 +75,13 @@ def run_serve(args) -> int:
     print(ray_access(context.dashboard_url), flush=True)
     if args.detach:
         return 0
-    try:
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop shuts down like Ctrl-C (Ray's own
+    try:                                        # handler would end the process and leave Ray's agents behind)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        for stop in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the shutdown short
+            signal.signal(stop, signal.SIG_IGN)
         print("shutting down ...", flush=True)
     finally:
         serve.shutdown()
@@ -108,6 +110,10 @@ def ray_access(dashboard_url: str | None) -> str:
     lines.append("  metrics      ray_msem_* and ray_vllm_* on Ray's metrics export; for the Grafana panels run "
                  "`msem dashboard install`")
     return "\n".join(lines)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def wait_until_healthy(base_url: str, timeout: float) -> None:
