@@ -52,7 +52,8 @@ def test_bad_files_are_refused_by_name(tmp_path, content, message):
 
 
 def test_plan_applies_redundant_slots_and_the_initial_placement(tmp_path):
+    recorded = _write(tmp_path, {"load": LOAD * 2})  # the tiny preset has 4 layers
     config = ServeConfig.model_validate({"model": "tiny", "expert_groups": {
-        "num_groups": 2, "redundant_slots": 1, "initial_placement": str(_write(tmp_path, {"load": LOAD * 2}))}})  # the tiny preset: 4 layers
+        "num_groups": 2, "redundant_slots": 1, "initial_placement": str(recorded)}})
     _, placement = plan(config)
     assert placement.slots_per_group == 5 and placement.version == 1
