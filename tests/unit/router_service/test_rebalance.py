@@ -7,7 +7,7 @@ from engine import SamplingParams
 from experts.parallel_config import ExpertParallelConfig
 from experts.placement import make_placement
 from router_service.service import LoadWindow, RebalancePolicy, RouterService
-from router_service.transport import LocalTransport, ReplicaInfo
+from router_service.transport import ReplicaInfo
 from tests.conftest import same_greedy_outputs, small_llm
 
 SKEWED = [[1000, 10, 10, 10, 10, 10, 10, 900], [10, 10, 10, 10, 10, 10, 800, 700]]  # [layer][expert]
