@@ -33,7 +33,12 @@ def test_plain_config_file_and_defaults(tmp_path):
     ({"expert_groups": {"transport": "carrier-pigeon"}}, "expert_groups.transport"),
     ({"http_port": 0}, "http_port"),
     ({"limits": {"max_requests": 0}}, "limits.max_requests"),
-], ids=["typo", "bounds", "unknown-group", "transport", "port", "limits"])
+    ({"expert_groups": {"redundant_slots": -1}}, "expert_groups.redundant_slots"),
+    ({"expert_groups": {"rebalance": {"min_gain": 2}}}, "expert_groups.rebalance.min_gain"),
+    ({"expert_groups": {"rebalance": {"interval": 10}}}, "expert_groups.rebalance.interval: Extra inputs"),
+    ({"attention": {"health_check": {"period_s": 0}}}, "attention.health_check.period_s"),
+], ids=["typo", "bounds", "unknown-group", "transport", "port", "limits", "redundant-slots", "min-gain",
+        "rebalance-typo", "health-check"])
 def test_bad_configs_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(data)
