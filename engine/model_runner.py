@@ -45,8 +45,15 @@ class ModelRunner:
             positions.append(torch.arange(chunk.start, end))
             spans.append((chunk.request.block_ids, chunk.start, chunk.num_tokens))
         meta = build_metadata(spans, self.block_size, self.sliding_window, self.device)
-        hidden = self.model(torch.tensor(tokens, device=self.device), torch.cat(positions).to(self.device),
-                            PagedAttention(self.kv_cache, meta))  # [T, H]
+        experts = self.model.experts  # None for a dense model
+        if experts is not None:
+            experts.begin_step()
+        try:
+            hidden = self.model(torch.tensor(tokens, device=self.device), torch.cat(positions).to(self.device),
+                                PagedAttention(self.kv_cache, meta))  # [T, H]
+        finally:
+            if experts is not None:
+                experts.end_step()
         out = RunnerOutput()
         self._sample(batch, hidden, out)
         self._prompt_logprobs(batch, hidden, out)

@@ -28,6 +28,14 @@ class ExpertBackend(Protocol):
         """hidden [T, H], expert_ids [T, k] (global ids), weights [T, k] -> weighted expert sum [T, H]."""
         ...
 
+    def begin_step(self) -> None:
+        """The engine starts a forward pass (one step): a backend may pick up a new routing table here."""
+        ...
+
+    def end_step(self) -> None:
+        """The step's last layer ran: a backend may settle what it gathered per layer (load counts)."""
+        ...
+
 
 def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (weights [T, k], expert_ids [T, k]): softmax over the top-k logits, in fp32."""
@@ -87,6 +95,12 @@ class LocalExperts(nn.Module):
         t, k = expert_ids.shape
         out = grouped_swiglu(hidden, expert_ids, weights, self.w1[layer_id], self.w2[layer_id], self.w3[layer_id])
         return combine(out.view(t, k, -1))
+
+    def begin_step(self) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
 
 
 class MoE(nn.Module):

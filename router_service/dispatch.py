@@ -41,26 +41,39 @@ class GroupSend:
 
 
 def plan_layer(layer_id: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-               copies: torch.Tensor, num_copies: torch.Tensor) -> list[GroupSend]:
+               copies: torch.Tensor, num_copies: torch.Tensor, num_groups: int | None = None) -> list[GroupSend]:
     """hidden [T, H], expert_ids [T, k], weights [T, k]; this layer's copies [E, C] (the groups of each
-    expert's copies, -1 padded) and num_copies [E] -> one send per group with work."""
+    expert's copies, -1 padded) and num_copies [E] -> one send per group with work, by ascending group.
+
+    One host sync: the per-group row and slot counts, which every transport needs to size its sends. The rest
+    stays on the tensors' device. `num_groups` (default: read from `copies`, one more sync) sizes the counts.
+    """
+    t, k = expert_ids.shape
     groups = slot_groups(expert_ids, copies, num_copies)  # [T, k]
+    num_groups = int(copies.max()) + 1 if num_groups is None else num_groups
+    member = torch.zeros(num_groups, t, dtype=torch.bool, device=groups.device)  # [G, T] token t has a slot in g
+    member.scatter_(0, groups.T, True)
+    flat = groups.reshape(-1)  # [T*k]
+    slots_per = torch.zeros(num_groups, dtype=torch.long, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat))  # [G]
+    rows_per, slots_per = torch.stack([member.sum(1), slots_per]).tolist()  # the host sync
+    rows = torch.nonzero_static(member.reshape(-1), size=sum(rows_per)).squeeze(1) % t  # [sum N_g] by group
+    slots = torch.argsort(flat, stable=True)  # [T*k] by group, row-major within one
     sends = []
-    for g in torch.unique(groups).tolist():
-        mine = groups == g  # [T, k]
-        rows = mine.any(dim=1).nonzero().squeeze(1)  # [N_g]
-        ids = torch.where(mine, expert_ids, -1)[rows]  # [N_g, k]
-        slots = mine.reshape(-1).nonzero().squeeze(1)  # [A_g]
-        sends.append(GroupSend(g, slots, ExpertBatch(layer_id, hidden[rows], ids, weights[rows].float())))
+    for g, (rows_g, slots_g) in enumerate(zip(rows.split(rows_per), slots.split(slots_per))):
+        if rows_per[g]:
+            ids = torch.where(groups[rows_g] == g, expert_ids[rows_g], -1)  # [N_g, k]
+            sends.append(GroupSend(g, slots_g, ExpertBatch(layer_id, hidden[rows_g], ids, weights[rows_g].float())))
     return sends
 
 
 def slot_groups(expert_ids: torch.Tensor, copies: torch.Tensor, num_copies: torch.Tensor) -> torch.Tensor:
     """expert_ids [T, k] -> [T, k] the group computing each slot: the r-th slot (row-major) routed to expert e
-    goes to copy r % num_copies[e]."""
+    goes to copy r % num_copies[e]. No host sync."""
     flat = expert_ids.reshape(-1)  # [T*k]
     order = torch.argsort(flat, stable=True)  # slots grouped by expert, row-major within an expert
-    counts = torch.bincount(flat, minlength=copies.shape[0])  # [E]
+    counts = torch.zeros(copies.shape[0], dtype=torch.long, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat))  # [E]
     starts = torch.cumsum(counts, 0) - counts  # [E] where each expert's run begins in `order`
     rank = torch.empty_like(flat)  # [T*k] r: how many earlier slots went to the same expert
     rank[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]

@@ -23,14 +23,24 @@ one lock, so concurrent layer calls — several threads, or two calls of one eng
 replicas instead of all seeing zero; the tokens are taken back in a `finally` once the transport returns,
 raises or not.
 
+Steps. The engine calls `begin_step()` before a forward pass and `end_step()` after it. A new routing table is
+picked up only in `begin_step`, so every layer of one step sees the same replicas (a collective transport forms
+its epoch once per membership change, at the step's first layer).
+
+Host syncs. Per layer the plan costs one: the per-group row and slot counts (`dispatch.plan_layer`), which every
+transport needs to size its sends. What each transport adds: `local` none (the group computes on the shard's
+device; its grouped compute reads per-expert counts once per batch); `torch` the header exchange and the
+answer's size (NCCL keeps the token tensors on the GPU); `grpc` and `ray` copy the batch to host memory and
+back. Load counts stay on the device until `end_step`, which moves them to the host once per step.
+
 Load. Tokens routed to each (layer, expert) are counted here and pushed to the router about once a second; the
-router aggregates them for autoscaling and the experts dashboard. Pushes happen at step boundaries, so the
-last second of counts before the engine goes idle stays here until the owner calls `flush_load` (a Serve shard
-does so every second; `close` does it too). `flush_load` may run on another thread than the engine's.
+router aggregates them for autoscaling and the experts dashboard. Pushes happen at step ends, so the last
+second of counts before the engine goes idle stays here until the owner calls `flush_load` (a Serve shard does
+so every second; `close` does it too). `flush_load` may run on another thread than the engine's.
 
 Stats. With a `stats_sink`, the layer path also gathers what a metrics exporter needs (`LayerPathStats`): token
 slots per (replica, layer, expert) as [L, E] tensors added to per send, the seconds of each answered send per
-group, failovers and their stalls. They are handed to the sink at a step boundary (layer 0) at most once per
+group, failovers and their stalls. They are handed to the sink at a step end at most once per
 `stats_interval` seconds, and on `close()`, never per layer. The sink runs on the engine thread: it should
 only record numbers.
 """
@@ -103,12 +113,13 @@ class RemoteExperts:
         self.load_report_interval, self.poll_interval = load_report_interval, poll_interval
         self._wait_round_s = poll_interval * 50  # one `_wait_for_change`
         self.table = self._wait_for_table(None)
-        self._copy_table = (self.table.placement.version, *self.table.placement.copy_table())  # [L, E, C], [L, E]
+        self._copy_table: tuple = (-1, None, None)  # (placement version, copies [L, E, C], num_copies [L, E])
         self.outstanding: dict[str, int] = {}
         self.sent: dict[str, int] = {}
         self._failed: dict[str, tuple[int, float]] = {}  # replica id -> (table version, time) of its failure
         placement = self.table.placement
-        self._load = torch.zeros(placement.num_layers, placement.num_experts, dtype=torch.long)
+        self._load = torch.zeros(placement.num_layers, placement.num_experts, dtype=torch.long)  # host, flushed
+        self._step_load: torch.Tensor | None = None  # [L, E] on the layers' device, until the step ends
         self._last_refresh = self._last_report = self._last_stats = time.monotonic()
         self._stats = LayerPathStats(transport.name)
         self.failover = FailoverStats()
@@ -119,16 +130,16 @@ class RemoteExperts:
     def __call__(self, layer_id: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        if layer_id == 0:
-            self._step_boundary()
-        counts = torch.bincount(expert_ids.reshape(-1).cpu(), minlength=self._load.shape[1])  # [E]
-        with self._lock:
-            self._load[layer_id] += counts
+        flat = expert_ids.reshape(-1)
+        if self._step_load is None or self._step_load.device != flat.device:
+            self._step_load = torch.zeros(self._load.shape, dtype=torch.long, device=flat.device)
+        self._step_load[layer_id].index_add_(0, flat, torch.ones_like(flat))  # no host sync
         if self._copy_table[0] != self.table.placement.version:  # a rebalanced table: rebuilt once, not per layer
-            self._copy_table = (self.table.placement.version, *self.table.placement.copy_table())
+            version, copies, num_copies = self.table.placement.version, *self.table.placement.copy_table()
+            self._copy_table = (version, copies.to(flat.device), num_copies.to(flat.device))
         _, copies, num_copies = self._copy_table
-        sends = plan_layer(layer_id, hidden, expert_ids, weights, copies[layer_id].to(expert_ids.device),
-                           num_copies[layer_id].to(expert_ids.device))
+        sends = plan_layer(layer_id, hidden, expert_ids, weights, copies[layer_id], num_copies[layer_id],
+                           self.table.placement.num_groups)
         results = self._run(sends)
         out = combine_results(expert_ids.shape[0], expert_ids.shape[1], sends, results).to(hidden.dtype)
         self.layer_seconds.append(time.perf_counter() - t0)
@@ -220,8 +231,9 @@ class RemoteExperts:
         for (replica, send), answer, sec in zip(sent, answers, seconds):
             if isinstance(answer, ReplicaFailure):
                 continue
-            ids = send.batch.expert_ids.reshape(-1)
-            slots = torch.bincount(ids + 1, minlength=num_experts + 1)[1:]  # [E]; the -1 slots land in bin 0
+            ids = send.batch.expert_ids.reshape(-1) + 1  # the -1 slots land in bin 0
+            slots = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device).index_add_(
+                0, ids, torch.ones_like(ids))[1:]  # [E]
             with self._lock:
                 stats, rid = self._stats, replica.replica_id
                 if rid not in stats.routed:
@@ -238,12 +250,20 @@ class RemoteExperts:
         self.router.report_failure(replica.replica_id)
         self._refresh()
 
-    # ---- routing table ----
+    # ---- steps and the routing table ----
 
-    def _step_boundary(self) -> None:
-        now = time.monotonic()
-        if now - self._last_refresh >= self.refresh_interval:
+    def begin_step(self) -> None:
+        if time.monotonic() - self._last_refresh >= self.refresh_interval:
             self._refresh()
+
+    def end_step(self) -> None:
+        """Move the step's load counts to the host (the one sync they cost), and push what is due."""
+        if self._step_load is not None:
+            counts = self._step_load.to("cpu", copy=True)
+            self._step_load.zero_()
+            with self._lock:
+                self._load += counts
+        now = time.monotonic()
         if now - self._last_report >= self.load_report_interval:
             self.flush_load()
         if self.stats_sink is not None and now - self._last_stats >= self.stats_interval:
