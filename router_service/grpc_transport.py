@@ -122,8 +122,8 @@ def serve_expert_group(group: ExpertGroup, replica_id: str, host: str = "127.0.0
     Stop it with `server.stop(grace).wait()`. SO_REUSEPORT is off so that two replicas never share a port.
     `probe`: the replica's health probe, when its other health checks share it (default: one of its own).
     """
-    config = group.config
-    limit = message_limit_bytes(max_batch_tokens, config.hidden_size, config.num_experts_per_tok, group.dtype)
+    config = group.config  # batches may travel in fp32 to a group with 16-bit weights (it converts on arrival)
+    limit = message_limit_bytes(max_batch_tokens, config.hidden_size, config.num_experts_per_tok, torch.float32)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="msem-expert"),
                          options=_size_options(limit) + [("grpc.so_reuseport", 0)])
     pb_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(group, replica_id, max_batch_tokens, probe), server)

@@ -39,7 +39,7 @@ def test_a_group_reads_only_its_own_tensors(mixtral_dir):
     group = ExpertGroup.load(reader, placement, 1, torch.float32)
     assert group.experts == (1, 3) and group.holds(0) == group.holds(1) == (1, 3)
     assert sorted(reader.tensors_read) == names((layer, e) for layer in range(2) for e in (1, 3))
-    assert group.layers[0].w1.shape == (2, 96, 64)
+    assert group.devices == (torch.device("cpu"),) and group.layers[0].shares[0].w1.shape == (2, 96, 64)
 
 
 @pytest.mark.parametrize("num_groups,strategy", [(1, "linear"), (2, "linear"), (2, "round_robin"), (4, "linear")])
@@ -92,6 +92,62 @@ def test_extend_reads_only_the_new_pairs_and_computes_like_a_fresh_load(mixtral_
         group.forward(ExpertBatch(0, x, torch.tensor([[0, 2]] * 6), torch.rand(6, 2)))
 
 
+def batches(num_tokens: int, seed: int) -> list[ExpertBatch]:
+    """Routed batches for each layer, with some slots left to another group and a token with no slot here."""
+    x, ids, weights = routing(num_tokens, seed)
+    ids = torch.where(torch.rand(ids.shape) < 0.3, -1, ids)
+    ids[0] = -1
+    return [ExpertBatch(layer, x, ids, weights) for layer in range(2)]
+
+
+@pytest.mark.parametrize("num_devices", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_group_spread_over_devices_computes_the_single_device_bits(mixtral_dir, num_devices, dtype):
+    """Several CPU "devices" take the split and gather path of a multi-GPU unit."""
+    whole = make_placement(4, 2, 1, "linear")  # one group holds every expert
+    one = ExpertGroup.load(CheckpointReader(mixtral_dir), whole, 0, dtype)
+    many = ExpertGroup.load(CheckpointReader(mixtral_dir), whole, 0, dtype, ["cpu"] * num_devices)
+    assert many.devices == (torch.device("cpu"),) * num_devices and many.device == torch.device("cpu")
+    for layer in many.layers:
+        sizes = [len(share.w1) for share in layer.shares]
+        assert len(sizes) == num_devices and sum(sizes) == 4 and max(sizes) - min(sizes) <= 1
+    for seed, num_tokens in enumerate((1, 5, 13, 80)):
+        for batch in batches(num_tokens, seed):
+            assert torch.equal(many.forward(batch), one.forward(batch))
+    assert many.tokens_served == one.tokens_served
+
+
+def test_a_group_spread_over_devices_extends_and_retains_like_one_device(mixtral_dir):
+    start = make_placement(4, 2, 3, "linear")  # group 1 holds expert 2 in both layers
+    one = ExpertGroup.load(CheckpointReader(mixtral_dir), start, 1, torch.float32)
+    many = ExpertGroup.load(CheckpointReader(mixtral_dir), start, 1, torch.float32, ["cpu"] * 3)
+    assert [len(share.w1) for share in many.layers[1].shares] == [0, 1, 0]  # idle devices compute nothing
+    for change in (lambda g: g.extend(CheckpointReader(mixtral_dir), COPIES), lambda g: g.retain(start),
+                   lambda g: g.extend(CheckpointReader(mixtral_dir), COPIES), lambda g: g.retain(COPIES)):
+        assert change(many) == change(one)
+        assert [many.holds(layer) for layer in range(2)] == [one.holds(layer) for layer in range(2)]
+        for batch in batches(13, 0):
+            ids = batch.expert_ids
+            batch.expert_ids = torch.where(torch.isin(ids, torch.tensor(one.holds(batch.layer_id))), ids, -1)
+            assert torch.equal(many.forward(batch), one.forward(batch))
+
+
+@pytest.mark.parametrize("weights_dtype,wire_dtype", [(torch.bfloat16, torch.float32),
+                                                      (torch.float32, torch.bfloat16)])
+def test_a_group_computes_in_its_weights_dtype_and_answers_in_the_wire_dtype(mixtral_dir, weights_dtype,
+                                                                             wire_dtype):
+    whole = make_placement(4, 2, 1, "linear")
+    group = ExpertGroup.load(CheckpointReader(mixtral_dir), whole, 0, weights_dtype)
+    reference = ExpertGroup.load(CheckpointReader(mixtral_dir), whole, 0, torch.float32)
+    for batch in batches(13, 0):
+        wire = ExpertBatch(batch.layer_id, batch.hidden.to(wire_dtype), batch.expert_ids, batch.weights)
+        native = ExpertBatch(batch.layer_id, wire.hidden.to(weights_dtype), batch.expert_ids, batch.weights)
+        got = group.forward(wire)
+        assert got.dtype == wire_dtype
+        assert torch.equal(got, group.forward(native).to(wire_dtype))  # the same computation, converted
+        torch.testing.assert_close(got.float(), reference.forward(batch), rtol=2e-2, atol=2e-2)
+
+
 def test_forward_in_another_thread_never_fails_while_the_holdings_change(mixtral_dir):
     start = make_placement(4, 2, 2, "round_robin")  # group 0 holds 0 and 2 everywhere
     more = Placement(4, 2, (((0, 1, 2), (1, 3)), ((0, 2, 3), (1, 3))), (1, 1), 3)
@@ -127,7 +183,7 @@ def test_forward_in_another_thread_never_fails_while_the_holdings_change(mixtral
 @pytest.mark.parametrize("change,match", [
     (dict(layer_id=7), "unknown layer 7"),
     (dict(hidden=torch.zeros(3, 65)), r"hidden must be \[N, 64\]"),
-    (dict(hidden=torch.zeros(3, 64, dtype=torch.float64)), "hidden must be torch.float32"),
+    (dict(hidden=torch.zeros(3, 64, dtype=torch.long)), "hidden must be a floating-point tensor, got torch.int64"),
     (dict(expert_ids=torch.zeros(3, 3, dtype=torch.long)), r"expert_ids must be \[3, 2\]"),
     (dict(expert_ids=torch.tensor([[0, 9], [0, -1], [2, -1]])), "expert id 9 is outside"),
     (dict(expert_ids=torch.tensor([[1, -1], [0, -1], [2, -1]])), "expert 1 does not live in group 0 in layer 0"),

@@ -158,8 +158,8 @@ def corrupt(req: pb.ForwardRequest, case: str) -> None:
     n, h = req.hidden.shape
     if case == "wrong shape":
         reshape(req.hidden, [n * 2, h // 2])
-    elif case == "wrong dtype":
-        req.hidden.CopyFrom(to_proto(from_proto(req.hidden).half()))
+    elif case == "integer hidden":
+        req.hidden.CopyFrom(to_proto(from_proto(req.hidden).long()))
     elif case == "wrong ids dtype":
         req.expert_ids.CopyFrom(to_proto(from_proto(req.expert_ids).float()))
     elif case == "wrong byte count":
@@ -178,7 +178,7 @@ def corrupt(req: pb.ForwardRequest, case: str) -> None:
         raise AssertionError(case)
 
 
-CASES = {"wrong shape": "hidden must be", "wrong dtype": "hidden must be torch.float32",
+CASES = {"wrong shape": "hidden must be", "integer hidden": "hidden must be a floating-point tensor",
          "wrong ids dtype": "must be int64", "wrong byte count": "weights: float32 tensor",
          "unknown dtype": "unknown dtype", "unknown layer": "unknown layer 2", "negative layer": "unknown layer -1",
          "foreign expert": "expert 1 does not live in group 0", "missing field": "weights is missing"}
