@@ -31,9 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster import metrics  # noqa: E402
+from actors import metrics  # noqa: E402
 from cluster.frontend import Frontend, LocalShards  # noqa: E402
-from cluster.metrics import EngineMetrics, ExpertMetrics, publish_every  # noqa: E402
+from actors.metrics import EngineMetrics, ExpertMetrics, publish_every  # noqa: E402
 from engine import LLM, AsyncLLM, SamplingParams  # noqa: E402
 from experts.parallel_config import ExpertParallelConfig  # noqa: E402
 
@@ -127,7 +127,7 @@ def main() -> None:
     print(f"  metrics on   {on:8.1f}   rounds {' '.join(f'{x:.0f}' for x in results[True])}")
     print(f"  metrics off  {off:8.1f}   rounds {' '.join(f'{x:.0f}' for x in results[False])}")
     print(f"  on / off     {on / off:8.4f}   (cost {100 * (1 - on / off):+.2f}%; target <= 2%)")
-    for what, seconds in (("frontend, samplers and stats sink (cluster/metrics.py)", hooks.seconds),
+    for what, seconds in (("frontend, samplers and stats sink (actors/metrics.py)", hooks.seconds),
                           ("per-send tally of RemoteExperts", tally.seconds)):
         print(f"  time inside {what}: {seconds:.3f} s of {wall[True]:.1f} s of 'on' rounds "
               f"({100 * seconds / wall[True]:.2f}%)")

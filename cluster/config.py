@@ -70,6 +70,7 @@ class AttentionConfig(_Strict):
     autoscaling: Autoscaling = Autoscaling()  # used when replicas.min < replicas.max
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
+    resources: dict[str, float] = {}  # Ray custom resources per replica, e.g. {"msem_attention": 1}: node types
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     kv_cache_memory: int | None = Field(None, ge=1)  # bytes; engine default when None
@@ -91,7 +92,11 @@ class ExpertGroupsConfig(_Strict):
     """One Serve deployment per expert group; a group's replicas register with the router."""
 
     num_groups: int = Field(2, ge=1)
-    transport: Literal["grpc"] = "grpc"  # the per-layer hop between Serve replicas (see README)
+    # The per-layer hop between shards and group replicas. "auto" picks by device, from measurements
+    # (docs/PERFORMANCE.md, benchmarks/expert_parallel.py): torch (NCCL all_to_all, tensors stay on the GPU)
+    # where the groups have GPUs; on CPU, grpc, which measured faster than torch's gloo there (gloo runs four
+    # collectives per layer in lockstep over every member, grpc one unary call per group replica).
+    transport: Literal["auto", "grpc", "torch"] = "auto"
     placement: Literal["linear", "round_robin"] | tuple[int, ...] = "linear"
     redundant_slots: int = Field(0, ge=0)  # extra expert slots per group and layer, for copies of hot experts
     initial_placement: str | None = None  # JSON file: a recorded load ({"load": [[...]]}) or a placement
@@ -100,6 +105,7 @@ class ExpertGroupsConfig(_Strict):
     group_replicas: dict[int, Replicas] = {}  # ... unless overridden here, by group id
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float | None = Field(None, ge=0)  # per replica; None: 1 when the cluster has GPUs, else 0
+    resources: dict[str, float] = {}  # Ray custom resources per replica, e.g. {"msem_experts": 1}: node types
     target_tokens_per_replica: float = Field(4096.0, gt=0)  # autoscaling: routed tokens/s one replica takes
     autoscaling: Autoscaling = Autoscaling()  # for the groups whose bounds have min < max
     failover_timeout: float = Field(30.0, gt=0)
@@ -115,6 +121,12 @@ class ExpertGroupsConfig(_Strict):
 
     def bounds(self, group: int) -> Replicas:
         return self.group_replicas.get(group, self.replicas)
+
+    def resolved_transport(self, on_gpus: bool) -> str:
+        """The transport in use: the configured one, or for "auto" torch on GPUs and grpc on CPUs."""
+        if self.transport != "auto":
+            return self.transport
+        return "torch" if on_gpus else "grpc"
 
 
 class Limits(_Strict):
@@ -136,6 +148,7 @@ class ServeConfig(_Strict):
     max_model_len: int | None = Field(None, ge=2)
     attention: AttentionConfig = AttentionConfig()
     expert_groups: ExpertGroupsConfig | None = ExpertGroupsConfig()  # None: experts inside the shards
+    ingress_replicas: int = Field(2, ge=1)  # the edge; with two, a dead one costs no new request
     limits: Limits = Limits()
     host: str = "127.0.0.1"  # HTTP and gRPC bind here; loopback unless told otherwise
     http_port: int = Field(8000, ge=1, le=65535)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from cluster.config import Limits
-from cluster.metrics import ServingMetrics
+from actors.metrics import ServingMetrics
 from engine.async_llm import AsyncLLM
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.llm_engine import Resume, check_request
@@ -122,7 +122,7 @@ class Frontend:
                  rebalance_experts: ExpertInfo | None = None, record_metrics: bool = True,
                  expert_health: ExpertHealth | None = None):
         self.model_name, self.tokenizer, self.shards, self.limits = model_name, tokenizer, shards, limits
-        self.metrics = ServingMetrics(model_name) if record_metrics else None  # see cluster/metrics.py
+        self.metrics = ServingMetrics(model_name) if record_metrics else None  # see actors/metrics.py
         self._expert_info, self._rebalance = expert_info, rebalance_experts
         self._expert_health = expert_health
         self.max_model_len, self.vocab_size = max_model_len, vocab_size

@@ -54,7 +54,7 @@ class LLM:
             # the single-process engine never loads Ray.
             from actors.expert_parallel import start_expert_parallel
 
-            self.expert_runtime = start_expert_parallel(str(self.model_path), expert_parallel, torch_dtype,
+            self.expert_runtime = start_expert_parallel(str(self.model_path), expert_parallel, dtype, torch_dtype,
                                                         max_num_batched_tokens)
             experts = self.expert_runtime.backend
         net = load_model(CheckpointReader(self.model_path), torch_dtype, dev, experts=experts, progress=progress)

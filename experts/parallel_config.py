@@ -18,7 +18,7 @@ class ExpertParallelConfig:
     transport: str = "ray"  # local (in-process), ray (actor calls), grpc (ExpertService), torch (all_to_all)
     placement: str | tuple[int, ...] = "linear"  # linear, round_robin, or expert -> group ids
     replicas: int | tuple[int, ...] = 1  # replicas per group (one count, or one per group)
-    redundant_slots: int = 0  # extra expert slots per group and layer, which a rebalance fills (local only)
+    redundant_slots: int = 0  # extra expert slots per group and layer, which a rebalance fills
     failover_timeout: float = 30.0  # seconds a layer may wait for a group to have a live replica again
     call_timeout: float = 10.0  # deadline of one dispatch to one replica, seconds
     max_restarts: int = -1  # restarts of a dead replica process (-1: always)
@@ -29,10 +29,6 @@ class ExpertParallelConfig:
             raise ValueError(f"unknown transport {self.transport!r}: use one of {', '.join(TRANSPORTS)}")
         if self.redundant_slots < 0:
             raise ValueError(f"redundant_slots must be >= 0, got {self.redundant_slots}")
-        if self.redundant_slots and self.transport != "local":
-            raise ValueError(f"redundant_slots need live rebalancing, which the {self.transport} transport of "
-                             "LLM(expert_parallel=...) does not run (its replicas keep their start placement): "
-                             "use the local transport, or msem serve")
         if self.num_groups < 1:
             raise ValueError(f"num_groups must be at least 1, got {self.num_groups}")
         if self.failover_timeout <= 0 or self.call_timeout <= 0:

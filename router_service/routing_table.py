@@ -3,7 +3,8 @@
 The router service owns the one mutable table: replicas register when they are ready to serve (after their
 weights loaded and their endpoints opened) and deregister when they stop or are found dead; a rebalance swaps
 in a new placement once every replica holds its experts. Every change bumps `version`. Shards hold an immutable
-`TableSnapshot` and swap in a newer one at a step boundary, or mid-layer while they fail over. Only the snapshot crosses processes: plain frozen data, no handles.
+`TableSnapshot` and swap in a newer one at a step boundary, or mid-layer while they fail over. Only the snapshot
+crosses processes: plain frozen data, no handles.
 """
 
 from dataclasses import dataclass

@@ -1,10 +1,9 @@
-"""`RouterService`: the control side of the layer path, Ray-free (the Ray actor and the Serve deployment are
-thin wrappers).
+"""`RouterService`: the control side of the layer path, Ray-free (`actors.router.Router` runs it as a Ray actor
+or a Serve deployment).
 
 It owns
 - the `RoutingTable` (replicas register when ready; the service drops a replica that a shard reports failed
-  once its health check says it is dead),
-- the master `TCPStore` that collective transports build their per-epoch process groups on,
+  once its health check says it is dead, and refuses one whose `ReplicaSpec` does not fit the deployment),
 - per-(layer, expert) load pushed by the shards: totals since start, and a sliding window (`LoadWindow`) that
   balancedness and rebalancing read,
 - live rebalancing of the placement.
@@ -23,6 +22,12 @@ group that holds it.
     active v0 ──rebalance()──► pending v1 ──all replicas hold v1──► active v1 ──shards moved──► settled
                                    │ replicas extend                     table version + 1        replicas retain
                                    └── not held by all within switch_timeout_s: abandoned (logged)
+
+Refusal. With `ExpectedReplicas`, a replica that registers with a spec (directly, or again from a heartbeat) must
+have the model's hidden size, an allowed weight dtype, and at least the experts that the placement it says it
+holds gives its group (more is fine: during a switch it holds the old and the new ones). Otherwise `register`
+raises `ReplicaRefused` naming the mismatch, the table stays as it was and serving goes on; `describe` lists the
+last refusals.
 """
 
 import logging
@@ -33,14 +38,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.distributed import TCPStore
 
 from experts import eplb
 from experts.placement import Placement
 from router_service.routing_table import RoutingTable, TableSnapshot
-from router_service.transport import ReplicaInfo
+from router_service.transport import ReplicaInfo, ReplicaSpec
 
 logger = logging.getLogger(__name__)
+
+REFUSALS_KEPT = 16  # refusals that `describe` lists, the newest last
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,39 @@ class RebalancePolicy:
     min_gain: float = 0.05  # periodic: least gain in mean balancedness worth moving experts for
     switch_timeout_s: float = 120.0  # a pending placement not held by every replica by then is abandoned
     settle_timeout_s: float = 30.0  # at most this long after a switch, replicas drop the old experts
+
+
+@dataclass(frozen=True)
+class ExpectedReplicas:
+    """What every group replica of this deployment must hold besides its group's experts."""
+
+    hidden_size: int
+    dtypes: tuple[str, ...]  # weight dtype names a replica may hold, e.g. ("bfloat16",)
+
+    def mismatches(self, spec: ReplicaSpec, placement: Placement, group_id: int) -> list[str]:
+        """Why a replica with `spec` cannot serve group `group_id` of `placement`; empty when it can. Holding
+        experts the placement gives other groups is no reason (a replica keeps moved experts until a switch
+        settles); lacking one of its own, or holding one the model does not have, is."""
+        found = []
+        if spec.hidden_size != self.hidden_size:
+            found.append(f"has hidden size {spec.hidden_size}; this model's is {self.hidden_size}")
+        if spec.dtype not in self.dtypes:
+            found.append(f"holds {spec.dtype} weights; this deployment serves {' or '.join(self.dtypes)}")
+        if len(spec.experts) > placement.num_layers:
+            found.append(f"holds experts of {len(spec.experts)} layers; the model has {placement.num_layers}")
+        unknown = sorted({e for held in spec.experts for e in held if not 0 <= e < placement.num_experts})
+        if unknown:
+            found.append(f"holds experts {unknown}; the model has experts 0..{placement.num_experts - 1}")
+        held = list(spec.experts) + [()] * (placement.num_layers - len(spec.experts))
+        lacking = [f"layer {layer}: {missing}" for layer in range(placement.num_layers)
+                   if (missing := sorted(set(placement.experts_of(group_id, layer)) - set(held[layer])))]
+        if lacking:
+            found.append(f"lacks experts {', '.join(lacking)} that placement v{placement.version} gives it")
+        return found
+
+
+class ReplicaRefused(ValueError):
+    """A replica whose `ReplicaSpec` does not fit this deployment; the message names the replica and the mismatch."""
 
 
 class LoadWindow:
@@ -80,17 +119,17 @@ class LoadWindow:
 
 
 class RouterService:
-    def __init__(self, placement: Placement, host: str = "127.0.0.1", store_port: int = 0,
-                 is_alive: Callable[[ReplicaInfo], bool] | None = None, policy: RebalancePolicy = RebalancePolicy(),
-                 heartbeat_timeout_s: float | None = None, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, placement: Placement, is_alive: Callable[[ReplicaInfo], bool] | None = None, policy: RebalancePolicy = RebalancePolicy(),
+                 heartbeat_timeout_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 expected: ExpectedReplicas | None = None):
         """`heartbeat_timeout_s`: a replica that has not heartbeated for this long counts as not live in
-        `missing_groups` and `describe` (None: replicas that do not heartbeat, like the actors', are live)."""
+        `missing_groups` and `describe` (None: replicas that do not heartbeat, like the actors', are live).
+        `expected`: what a registering replica's spec must match (None: specs are not checked)."""
         self.table = RoutingTable(placement)
+        self.expected = expected
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.is_alive = is_alive or (lambda info: True)
         self.policy, self.clock = policy, clock
-        self.store = TCPStore(host, store_port, is_master=True, wait_for_workers=False)
-        self.store_address = (host, self.store.port)
         self._load = torch.zeros(placement.num_layers, placement.num_experts, dtype=torch.long)
         self._window = LoadWindow(placement.num_layers, placement.num_experts, policy.window_s)
         self._served: dict[str, int] = {}  # replica id -> tokens it computed, from its heartbeats
@@ -101,20 +140,39 @@ class RouterService:
         self._switched_at: float | None = None
         self._last_plan = self._started = clock()
         self.last_rebalance: dict | None = None
+        self._refused: deque[dict] = deque(maxlen=REFUSALS_KEPT)
         self._lock = threading.Lock()  # the actor serves calls concurrently (a health check may block)
 
     # ---- replicas ----
 
     def register(self, info: ReplicaInfo, placement_version: int | None = None) -> int:
         """Add a replica; `placement_version` is the newest placement whose experts it holds (default: the
-        active one)."""
+        active one). Raises `ReplicaRefused`, leaving the table as it was, when its spec does not fit."""
         with self._lock:
+            self._check(info, placement_version)
             version = self.table.register(info)
             self._holds[info.replica_id] = self.table.placement.version if placement_version is None \
                 else placement_version
             self._beats[info.replica_id] = self.clock()
         logger.info("replica %s of group %d registered (table v%d)", info.replica_id, info.group_id, version)
         return version
+
+    def _check(self, info: ReplicaInfo, placement_version: int | None) -> None:
+        """Refuse a replica whose spec does not fit (see the module note); the refusal is kept for `describe`.
+        A replica names the pending placement's version once it loaded it; any other version means the active
+        placement, whose experts it must hold to serve the table."""
+        placement = self.table.placement
+        if self.expected is None or info.spec is None or not 0 <= info.group_id < placement.num_groups:
+            return  # the table refuses an unknown group itself
+        if self._pending is not None and placement_version == self._pending[0].version:
+            placement = self._pending[0]
+        found = self.expected.mismatches(info.spec, placement, info.group_id)
+        if found:
+            reason = f"replica {info.replica_id} of group {info.group_id} " + "; ".join(found)
+            self._refused.append({"replica_id": info.replica_id, "group": info.group_id, "reason": reason,
+                                  "at": time.time()})
+            logger.warning("refused: %s", reason)
+            raise ReplicaRefused(reason)
 
     def deregister(self, replica_id: str) -> int:
         with self._lock:
@@ -125,15 +183,17 @@ class RouterService:
     def heartbeat(self, info: ReplicaInfo, tokens_served: int, placement_version: int | None = None) -> dict:
         """A replica's periodic report: registers it again if this service lost it (it restarted). The answer
         tells it what to hold: `placement` (None when it holds it already) and whether the last switch has
-        `settled`, so that it may drop experts the active placement no longer gives it."""
+        `settled`, so that it may drop experts the active placement no longer gives it. Raises `ReplicaRefused`
+        when it must register again and its spec does not fit (nothing of it is recorded then)."""
         with self._lock:
             known = self.table.get(info.replica_id) == info
+        if not known:
+            self.register(info, placement_version)
+        with self._lock:
             self._served[info.replica_id] = tokens_served
             self._beats[info.replica_id] = self.clock()
             if placement_version is not None:
                 self._holds[info.replica_id] = placement_version
-        if not known:
-            self.register(info, placement_version)
         self.tick()
         with self._lock:
             target = self._pending[0] if self._pending else self.table.placement
@@ -280,8 +340,8 @@ class RouterService:
                 "window": {"seconds": self.policy.window_s, "per_layer_expert": window.tolist()}}
 
     def describe(self) -> dict:
-        """Placement (per layer, with redundant copies), live replicas, load and balancedness, rebalancing:
-        the `/v1/experts` document."""
+        """Placement (per layer, with redundant copies), live replicas, load and balancedness, rebalancing, the
+        last refused replicas: the `/v1/experts` document."""
         load = self.load_stats()
         now = self.clock()
         with self._lock:
@@ -290,6 +350,7 @@ class RouterService:
             alive = {r.replica_id: self._live(r.replica_id) for reps in snapshot.replicas.values() for r in reps}
             pending = self._pending[0].version if self._pending else None
             last = dict(self.last_rebalance) if self.last_rebalance else None
+            refused = [dict(r) for r in self._refused]
         placement = snapshot.placement
         window = load["window"]["per_layer_expert"]
         per_layer = placement.balancedness(window)
@@ -310,4 +371,5 @@ class RouterService:
                 "placement": placement.to_dict(),
                 "rebalance": {"enabled": policy.interval_s is not None, "interval_s": policy.interval_s,
                               "window_s": policy.window_s, "min_gain": policy.min_gain,
-                              "pending_version": pending, "last": last}}
+                              "pending_version": pending, "last": last},
+                "refused": refused}

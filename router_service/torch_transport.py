@@ -4,10 +4,19 @@ Lockstep. A session is one attention shard (rank 0) and the group replicas it se
 order of the epoch's member list). A collective needs every rank, so each layer is the same four
 all_to_all_single calls on every rank; a member with nothing to do takes part with empty splits:
 
-    1. header   [W, 6] int64, row r for rank r: (command, layer_id, N_r, H, k, dtype index)
-    2. hidden   [N_r, H], shard -> member r
+    1. header   [W, 7] int64, row r for rank r: (command, layer_id, N_r, H, k, dtype index, row bytes)
+    2. hidden   [N_r, H] as bytes ([N_r, row bytes] uint8), shard -> member r
     3. route    [N_r, 2k] float64, shard -> member r: expert ids, then weights (both exact in float64)
-    4. results  [A_r + 1, H], member r -> shard: a status row (0 = ok), then the [A_r, H] slot outputs
+    4. results  [A_r + 1, H] as bytes, member r -> shard: the [A_r, H] slot outputs, then a status row whose
+                first byte is OK (0) or FAILED (1; the reason is under `error/{replica_id}`)
+
+Sizes. Both sides know every split from the header and the route alone (A_r: the route's ids >= 0), and rows
+travel as bytes, so a member stays in lockstep whatever it gets: a batch its group rejects, a header it cannot
+use (a dtype index it does not know, a hidden size that is not its group's) or a group answer of the wrong shape
+is answered FAILED. It has to be so because a collective does not report a wrong size cleanly: gloo aborts the
+process that receives a chunk longer than it posted and silently takes a shorter one. Against a member that
+sends short anyway (one speaking another version of this protocol) the shard presets each status row to
+NO_ANSWER (255); a row left so comes back as a `ReplicaFailure` naming the replica, and the epoch goes on.
 
 Epochs. Membership changes only by forming a new group. The shard allocates epoch n in the TCPStore, writes
 its plan (members, backend, timeouts) under `PrefixStore(f"{session}/epoch{n}")`, waits (bounded) for every
@@ -19,6 +28,13 @@ by heartbeats (a counter each member bumps every `heartbeat_interval`; dead: it 
 `heartbeat_timeout`), forms an epoch of the live members and redoes the layer. A send whose replica is gone
 comes back as `ReplicaFailure`, and the caller re-sends it elsewhere (experts are pure). `last_stall_s` is
 how long that held the layer up.
+
+The store. Each session's TCPStore is served by its shard (rank 0), so a session depends on nothing but its
+own ranks: it outlives a restart of the router (which only lists sessions for the replicas to join), and it
+ends with its shard. Members then find the store gone and stop (`done`).
+
+Host syncs per layer: the header exchange and the answer sizes (the route's slot counts per member), which
+size the collectives. With NCCL the token rows themselves never leave the GPU.
 
 Store keys under the session: `epochs` (counter), `current`, `heartbeat/{replica_id}` (counter), and under
 `epoch{n}/`: `plan`, `joined/{replica_id}`, `go`, `error/{replica_id}`, and the process group's own keys.
@@ -43,7 +59,8 @@ from router_service.transport import ReplicaFailure, ReplicaInfo
 logger = logging.getLogger(__name__)
 
 LAYER, LEAVE = 0, 1  # header commands
-HEADER = 6  # header columns: command, layer_id, N, H, k, dtype index
+HEADER = 7  # header columns: command, layer_id, N, H, k, dtype index, row bytes
+OK, FAILED, NO_ANSWER = 0, 1, 255  # first byte of a reply's status row
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 POLL_S = 0.01  # store polling while an epoch forms (rare; never per layer)
 
@@ -63,6 +80,17 @@ def _make_group(store: dist.Store, rank: int, world: int, backend: str, timeout:
         options._timeout = _seconds(timeout)
         return dist.ProcessGroupNCCL(store, rank, world, options)
     return dist.ProcessGroupGloo(store, rank, world, _seconds(timeout))
+
+
+def _wire_dtype(index: int, h: int, row: int) -> torch.dtype:
+    """The dtype a layer header names; raises for an index this side does not know or rows of another width."""
+    if not 0 <= index < len(DTYPES):
+        names = ", ".join(str(dtype).removeprefix("torch.") for dtype in DTYPES)
+        raise ValueError(f"the header names dtype index {index}; this replica knows 0..{len(DTYPES) - 1} ({names}): "
+                         "run the shard and the replicas from one release")
+    if row != h * DTYPES[index].itemsize:
+        raise ValueError(f"rows of {row} bytes cannot hold {h} {DTYPES[index]} values")
+    return DTYPES[index]
 
 
 def _all_to_all(pg, out: torch.Tensor, inp: torch.Tensor, out_rows: list[int], in_rows: list[int],
@@ -215,32 +243,51 @@ class TorchTransport:
         device, ones = "cuda" if self._backend == "nccl" else "cpu", [1] * len(header)
         _all_to_all(self._pg, torch.empty_like(header, device=device), header.to(device), ones, ones).wait()
 
+    @staticmethod
+    def _layer_header(batches: dict[int, ExpertBatch], world: int) -> torch.Tensor:
+        """[W, HEADER]: row r goes to rank r (see the module note); a member without a batch gets N = 0."""
+        first = next(iter(batches.values()))
+        h, k, dtype = first.hidden.shape[1], first.expert_ids.shape[1], first.hidden.dtype
+        header = torch.zeros(world, HEADER, dtype=torch.long)
+        header[1:] = torch.tensor([LAYER, -1, 0, h, k, DTYPES.index(dtype), h * dtype.itemsize])
+        for r, batch in batches.items():
+            header[r, 1:3] = torch.tensor([batch.layer_id, len(batch.hidden)])
+        return header
+
     def _exchange(self, batches: dict[int, ExpertBatch]) -> dict[int, torch.Tensor | ReplicaFailure]:
         """One lockstep layer. batches: rank -> batch; the other members take part with empty splits."""
         world, ranks = len(self._ranks) + 1, sorted(batches)
         first = batches[ranks[0]]
         h, k, dtype, device = first.hidden.shape[1], first.expert_ids.shape[1], first.hidden.dtype, first.hidden.device
+        row = h * dtype.itemsize  # bytes of one hidden row
         rows = [len(batches[r].hidden) if r in batches else 0 for r in range(world)]  # N_r (0 for rank 0)
         back = [int((batches[r].expert_ids >= 0).sum()) + 1 if r in batches else int(r > 0) for r in range(world)]
-        header = torch.zeros(world, HEADER, dtype=torch.long)  # row r goes to rank r
-        header[1:] = torch.tensor([LAYER, -1, 0, h, k, DTYPES.index(dtype)])
-        for r in ranks:
-            header[r, 1:3] = torch.tensor([batches[r].layer_id, rows[r]])
-        self._exchange_header(header)
+        self._exchange_header(self._layer_header(batches, world))
         zeros = [0] * world
-        hidden = torch.cat([batches[r].hidden for r in ranks])  # [sum N_r, H]
+        hidden = torch.cat([batches[r].hidden for r in ranks]).view(torch.uint8)  # [sum N_r, H] as bytes
         route = torch.cat([torch.cat([batches[r].expert_ids.double(), batches[r].weights.double()], 1)
                            for r in ranks]).to(device)  # [sum N_r, 2k]
-        _all_to_all(self._pg, hidden.new_empty(0, h), hidden, zeros, rows).wait()
+        _all_to_all(self._pg, hidden.new_empty(0, row), hidden, zeros, rows).wait()
         _all_to_all(self._pg, route.new_empty(0, 2 * k), route, zeros, rows).wait()
-        out = torch.empty(sum(back), h, dtype=dtype, device=device)  # [sum (A_r + 1), H]
-        _all_to_all(self._pg, out, hidden.new_empty(0, h), back, zeros).wait()
-        parts, rids = out.split(back), list(self._ranks)
+        raw = torch.empty(sum(back), row, dtype=torch.uint8, device=device)  # [sum (A_r + 1), H] as bytes
+        status_rows = [sum(back[:r + 1]) - 1 for r in ranks]  # each reply ends with its status row
+        raw[status_rows, 0] = NO_ANSWER  # a reply that comes short leaves it so
+        _all_to_all(self._pg, raw, hidden.new_empty(0, row), back, zeros).wait()
+        parts, rids = raw.view(dtype).split(back), list(self._ranks)
         errors = dist.PrefixStore(f"{self.session}/epoch{self.epoch}/error", self._store)
-        return {r: parts[r][1:] if parts[r][0, 0] == 0  # [A_r, H]
-                else ReplicaFailure(rids[r - 1], f"replica {rids[r - 1]} could not compute its batch: "
-                                                 f"{errors.get(rids[r - 1]).decode()}")
-                for r in ranks}
+        answers: dict[int, torch.Tensor | ReplicaFailure] = {}
+        for r, status in zip(ranks, raw[status_rows, 0].tolist()):
+            rid = rids[r - 1]
+            if status == OK:
+                answers[r] = parts[r][:-1]  # [A_r, H]
+            elif status == FAILED:
+                answers[r] = ReplicaFailure(rid, f"replica {rid} could not compute its batch: "
+                                                 f"{errors.get(rid).decode()}")
+            else:
+                answers[r] = ReplicaFailure(rid, f"replica {rid} answered fewer than the {back[r]} rows it owed: "
+                                                 "it speaks another version of the torch transport's protocol; "
+                                                 "run the shard and the replicas from one release")
+        return answers
 
 
 class TorchMember:
@@ -268,11 +315,20 @@ class TorchMember:
         for thread in self._threads:
             thread.join(timeout)
 
+    @property
+    def done(self) -> bool:
+        """Stopped, or the session ended (its store is gone: the shard that owns it stopped or died)."""
+        return self._stopping.is_set()
+
     def _beat(self) -> None:
-        store = _connect(*self._address)
-        while not self._stopping.is_set():
-            store.add(f"{self.session}/heartbeat/{self.replica_id}", 1)
-            self._stopping.wait(self.heartbeat_interval)
+        try:
+            store = _connect(*self._address)
+            while not self._stopping.is_set():
+                store.add(f"{self.session}/heartbeat/{self.replica_id}", 1)
+                self._stopping.wait(self.heartbeat_interval)
+        except RuntimeError as error:  # the store is gone
+            logger.info("replica %s: session %s ended: %s", self.replica_id, self.session, error)
+            self._stopping.set()
 
     def _run(self) -> None:
         try:
@@ -282,6 +338,8 @@ class TorchMember:
                     self._serve(store, *found)
                 except RuntimeError as error:  # a collective broke: a peer died, or the shard dropped the group
                     logger.warning("replica %s left epoch %d: %s", self.replica_id, found[0], error)
+        except RuntimeError as error:  # the store is gone: the session ended
+            logger.info("replica %s: session %s ended: %s", self.replica_id, self.session, error)
         finally:
             self._stopping.set()  # a member that cannot serve must not look alive
 
@@ -316,31 +374,35 @@ class TorchMember:
             pass
 
     def _serve_layer(self, pg, epoch_store: dist.Store, world: int, device: torch.device) -> bool:
-        """One lockstep layer (see the module note); False when told to leave."""
+        """One lockstep layer (see the module note); False when told to leave. What it sends is sized from the
+        header and the route, never from its group's answer."""
         ones, zeros = [1] * world, [0] * world
         header = torch.empty(world, HEADER, dtype=torch.long, device=device)  # row j from rank j
         self._wait_idle(_all_to_all(pg, header, torch.zeros_like(header), ones, ones, self.idle_timeout), device)
-        command, layer_id, n, h, k, dtype_index = header[0].tolist()
+        command, layer_id, n, h, k, dtype_index, row = header[0].tolist()
         if command == LEAVE:
             return False
-        dtype, from_shard = DTYPES[dtype_index], [n] + [0] * (world - 1)
-        hidden = torch.empty(n, h, dtype=dtype, device=device)  # [N, H]
+        from_shard = [n] + [0] * (world - 1)
+        hidden = torch.empty(n, row, dtype=torch.uint8, device=device)  # [N, H] as bytes
         route = torch.empty(n, 2 * k, dtype=torch.float64, device=device)  # [N, 2k]
-        _all_to_all(pg, hidden, hidden.new_empty(0, h), from_shard, zeros).wait()
+        _all_to_all(pg, hidden, hidden.new_empty(0, row), from_shard, zeros).wait()
         _all_to_all(pg, route, route.new_empty(0, 2 * k), from_shard, zeros).wait()
-        batch = ExpertBatch(layer_id, hidden, route[:, :k].long(), route[:, k:].float())
-        num_slots = int((batch.expert_ids >= 0).sum())
-        status = torch.zeros(1, h, dtype=dtype, device=device)  # [1, H]; [0, 0] = 1: failed
-        result = torch.zeros(num_slots, h, dtype=dtype, device=device)  # [A, H]
+        expert_ids = route[:, :k].long()  # [N, k]
+        num_slots = int((expert_ids >= 0).sum())
+        reply = torch.zeros(num_slots + 1, row, dtype=torch.uint8, device=device)  # [A + 1, H] as bytes; last: status
         if n:
             try:
-                result = self.group.forward(batch).to(device)
-            except Exception as error:  # a bad batch is answered as a failure, never by leaving lockstep
+                dtype = _wire_dtype(dtype_index, h, row)
+                result = self.group.forward(ExpertBatch(layer_id, hidden.view(dtype), expert_ids,
+                                                        route[:, k:].float()))  # [A, H]
+                if result.shape != (num_slots, h):
+                    raise ValueError(f"the group answered {list(result.shape)} for [{num_slots}, {h}] slot outputs")
+                reply[:num_slots].view(dtype).copy_(result)
+            except Exception as error:  # answered as a failure, never by leaving lockstep
                 logger.warning("replica %s: layer %d batch failed: %s", self.replica_id, layer_id, error)
                 epoch_store.set(f"error/{self.replica_id}", str(error))
-                status[0, 0] = 1
-        reply = torch.cat([status, result])  # [A + 1, H]
-        _all_to_all(pg, reply.new_empty(0, h), reply, zeros, [num_slots + 1] + [0] * (world - 1)).wait()
+                reply[num_slots, 0] = FAILED
+        _all_to_all(pg, reply.new_empty(0, row), reply, zeros, [num_slots + 1] + [0] * (world - 1)).wait()
         return True
 
     def _wait_idle(self, work, device: torch.device) -> None:

@@ -24,15 +24,31 @@ from experts.expert_group import ExpertBatch
 
 
 @dataclass(frozen=True)
+class ReplicaSpec:
+    """What a group replica holds when it registers, so that the router can refuse one that would compute other
+    bits (another checkpoint or dtype) or lack experts its group serves.
+
+    experts: per layer, the global expert ids it holds, ascending. During a rebalance a replica holds the old and
+    the new placement's experts, e.g. ((0, 1), (0, 1, 6)) while expert 6 moves into its layer 1.
+    """
+
+    hidden_size: int
+    dtype: str  # the weights' dtype name, e.g. "bfloat16"
+    experts: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
 class ReplicaInfo:
     """One live replica of an expert group, as the routing table publishes it.
 
     endpoints: transport name -> address, e.g. {"ray": "msem-expert-g0-r1", "grpc": "127.0.0.1:50213"}.
+    spec: what it held when it registered (None: it is not checked).
     """
 
     replica_id: str
     group_id: int
     endpoints: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    spec: ReplicaSpec | None = field(default=None, hash=False, compare=False)
 
 
 @dataclass

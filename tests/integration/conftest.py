@@ -15,13 +15,14 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def reference():
-    """`reference(prompt, max_tokens)`: the greedy text of the single-process engine on the tiny preset."""
+    """`reference(prompt, max_tokens, temperature=0, seed=None)`: the text of the single-process engine on the
+    tiny preset (greedy by default)."""
     from engine import LLM, SamplingParams
     from tests.integration.serving import MAX_MODEL_LEN
 
     llm = LLM("tiny", dtype="float32", max_model_len=MAX_MODEL_LEN, progress=False)
 
-    def complete(prompt: str, max_tokens: int) -> str:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    def complete(prompt: str, max_tokens: int, temperature: float = 0.0, seed: int | None = None) -> str:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=True)
         return llm.generate(prompt, params)[0].outputs[0].text
     return complete

@@ -26,7 +26,7 @@ def reference(mixtral_dir):
 def info(llm: LLM, replica_id: str) -> dict:
     import ray
 
-    return ray.get(llm.expert_runtime.replicas[replica_id].info.remote())
+    return ray.get(llm.expert_runtime.replicas[replica_id].describe.remote())
 
 
 def process_gone(pid: int) -> bool:
@@ -107,14 +107,22 @@ def test_a_lone_replica_is_restarted_and_waited_for(ray_cluster, mixtral_dir, re
         assert info(llm, "g1-r0")["pid"] != first_pid  # Ray restarted it and it served again
 
 
-def test_an_attention_shard_actor_serves_through_the_same_expert_groups(ray_cluster, mixtral_dir, reference):
-    from actors.attention_shard_actor import AttentionShardActor
+@pytest.mark.parametrize("transport", ["ray", "torch"])
+def test_an_attention_shard_actor_serves_through_the_same_expert_groups(ray_cluster, mixtral_dir, reference,
+                                                                        transport):
+    from actors.attention_shard import AttentionShard, ExpertLink
+    from actors.compute import Compute
+    from engine.async_llm import AsyncLLM
 
-    config = ExpertParallelConfig(2, "ray", "round_robin", 1)
+    config = ExpertParallelConfig(2, transport, "round_robin", 1)
     with small_llm(mixtral_dir, expert_parallel=config) as llm:
-        shard = ray_cluster.remote(AttentionShardActor).options(num_cpus=0).remote(
-            str(mixtral_dir), llm.expert_runtime.router_name, config, "second-shard", dtype="float32",
-            tokenizer="v1")
+        shard = ray_cluster.remote(AttentionShard).options(num_cpus=0).remote(
+            AsyncLLM, {"model": str(mixtral_dir), "tokenizer": "v1"}, Compute("cpu", "float32"),
+            llm.expert_runtime.router, ExpertLink(transport), shard_id="second-shard")
         outs = ray_cluster.get(shard.generate.remote(PROMPTS, GREEDY))
         same_greedy_outputs(outs, reference, tol=1e-5)
+        # both shards keep their own torch session on the same replicas
+        assert llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=GREEDY)[0].outputs[0].token_ids == \
+            reference[0].outputs[0].token_ids
+        ray_cluster.get(shard.shutdown.remote())
         ray_cluster.kill(shard)

@@ -1,7 +1,8 @@
 """The Serve deployment graph end to end on a local Ray: OpenAI HTTP, gRPC, expert load, failures, scaling.
 
-One application (tiny preset, two expert groups over gRPC) serves the whole module on free loopback ports.
-Outputs are compared with the in-process single-process engine on the same preset: greedy text is identical.
+One application (tiny preset, two expert groups) serves the whole module on free loopback ports, once per
+layer-path transport (grpc, torch over gloo). Outputs are compared with the in-process single-process engine on
+the same preset: greedy and seeded text is identical.
 """
 
 import asyncio
@@ -17,11 +18,11 @@ from tests.integration.serving import (deploy_and_wait, kill_replicas, openai_cl
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def app(ray_cluster):
+@pytest.fixture(scope="module", params=["grpc", "torch"])
+def app(ray_cluster, request):
     from ray import serve
 
-    config = tiny_config()
+    config = tiny_config(expert_groups={"transport": request.param})
     deploy_and_wait(config)
     yield config
     serve.shutdown()
@@ -36,6 +37,9 @@ def test_openai_api_matches_the_single_process_engine(app, reference):
     assert out.usage.completion_tokens == 12
     text, finish = stream_text(client, "Hello there", 12)
     assert (text, finish) == (reference("Hello there", 12), "length")
+    seeded = client.completions.create(model="tiny", prompt="Hello there", max_tokens=12, temperature=0.9,
+                                       seed=7, extra_body={"ignore_eos": True})
+    assert seeded.choices[0].text == reference("Hello there", 12, temperature=0.9, seed=7)
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                           max_tokens=6, n=2, temperature=0.8, seed=1)
     assert len(chat.choices) == 2 and all(c.message.role == "assistant" for c in chat.choices)

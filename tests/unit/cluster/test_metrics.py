@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cluster.metrics as metrics
+import actors.metrics as metrics
 from cluster import dashboard_command
 from cluster.cli import main
 from cluster.config import Limits
@@ -27,7 +27,7 @@ from engine.sampling_params import SamplingParams
 from router_service.remote_experts import LayerPathStats
 from tests.unit.cluster.conftest import make_frontend
 
-DASHBOARD = Path(metrics.__file__).parent / "dashboards" / "msem.json"
+DASHBOARD = Path(dashboard_command.__file__).parent / "dashboards" / "msem.json"
 FACTORIES = (metrics._serving_series, metrics._engine_series, metrics._expert_series, metrics._group_series,
              metrics._router_series)
 

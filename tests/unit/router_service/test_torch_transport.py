@@ -3,9 +3,12 @@
 Parity: every answer equals `LocalTransport`'s bit for bit, including layers where a member receives nothing
 (it still takes part, with empty splits). Failover: a member killed with SIGKILL breaks the collective; the
 next forward answers the live replicas, returns a `ReplicaFailure` for the dead one within a bounded time,
-and later epochs (without it, or with a replacement) serve again.
+and later epochs (without it, or with a replacement) serve again. Malformed traffic: a group that raises or
+answers the wrong shape, a header a member cannot use, a reply that comes short: the send fails with a reason,
+and the next layer on the same epoch equals the local computation.
 """
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -19,7 +22,7 @@ from experts.expert_group import ExpertBatch, ExpertGroup
 from experts.placement import make_placement
 from mistral.checkpoint import CheckpointReader
 from router_service.dispatch import slot_groups
-from router_service.torch_transport import TorchMember, TorchTransport
+from router_service.torch_transport import DTYPES, TorchMember, TorchTransport
 from router_service.transport import LocalTransport, ReplicaFailure, ReplicaInfo
 from tests.unit.router_service.torch_member_process import serve_member
 
@@ -172,6 +175,148 @@ def test_a_member_that_hangs_past_the_layer_timeout(groups, store):
         transport.close()
         for member in members:
             member.stop()
+
+
+@contextlib.contextmanager
+def serving(store, session: str, g0, g1, member=TorchMember, shard=TorchTransport):
+    """A shard of class `shard`, and members g0-a (of class `member`, computing with `g0`) and g1-a in threads
+    of this process; -> (transport, g0-a's member, its replica info, g1-a's replica info)."""
+    r0, r1 = ReplicaInfo("g0-a", 0), ReplicaInfo("g1-a", 1)
+    members = [member(g0, "g0-a", HOST, store.port, session, heartbeat_interval=0.1),
+               TorchMember(g1, "g1-a", HOST, store.port, session, heartbeat_interval=0.1)]
+    for started in members:
+        started.start()
+    transport = shard(HOST, store.port, session, lambda: [r0, r1], timeout=5.0)
+    try:
+        yield transport, members[0], r0, r1
+    finally:
+        transport.close()
+        for started in members:
+            started.stop()
+
+
+def assert_serves_on(transport, groups, r0, r1, epoch: int):
+    """A good layer after a bad one: the same answers as the local groups, on the same epoch, no failover."""
+    _, (g0, g1) = groups
+    b0, b1 = layer_batches(groups, 1, seed=99)
+    sends = [(r0, b0), (r1, b1)]
+    assert_same(transport.forward(sends), LocalTransport({"g0-a": g0, "g1-a": g1}).forward(sends))
+    assert transport.epoch == epoch and transport.last_stall_s is None
+
+
+class Misbehaves:
+    """Group 0 as a replica with a fault: while `armed`, its next batch raises, or is answered with one slot row
+    `fewer` or `more` than it owes; then it computes correctly again."""
+
+    def __init__(self, group: ExpertGroup, how: str):
+        self.group, self.device, self.how, self.armed = group, group.device, how, False
+
+    def forward(self, batch: ExpertBatch) -> torch.Tensor:
+        if not self.armed:
+            return self.group.forward(batch)
+        self.armed = False
+        if self.how == "raises":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        out = self.group.forward(batch)  # [A, H]
+        return out[:-1] if self.how == "fewer" else torch.cat([out, out[:1]])
+
+
+@pytest.mark.parametrize("how", ["raises", "fewer", "more"])
+def test_a_group_that_fails_or_answers_the_wrong_shape_fails_only_its_send(groups, store, how):
+    _, (g0, g1) = groups
+    double = Misbehaves(g0, how)
+    with serving(store, f"wrong-{how}", double, g1) as (transport, _, r0, r1):
+        b0, b1 = layer_batches(groups, 0, seed=0)
+        sends = [(r0, b0), (r1, b1)]
+        local = LocalTransport({"g0-a": g0, "g1-a": g1})
+        assert_same(transport.forward(sends), local.forward(sends))
+        epoch = transport.epoch
+        double.armed = True
+        answers = transport.forward(sends)
+        num_slots, h = int((b0.expert_ids >= 0).sum()), g0.config.hidden_size
+        reason = {"raises": "CUDA error: an illegal memory access was encountered",
+                  "fewer": f"the group answered [{num_slots - 1}, {h}] for [{num_slots}, {h}] slot outputs",
+                  "more": f"the group answered [{num_slots + 1}, {h}] for [{num_slots}, {h}] slot outputs"}[how]
+        assert isinstance(answers[0], ReplicaFailure) and answers[0].replica_id == "g0-a"
+        assert answers[0].reason == f"replica g0-a could not compute its batch: {reason}"
+        assert_same(answers[1:], local.forward([(r1, b1)]))
+        assert_serves_on(transport, groups, r0, r1, epoch)
+
+
+class SkewedShard(TorchTransport):
+    """A shard of another release: while `skewed`, its headers name a dtype index no member knows."""
+
+    skewed = False
+
+    def _layer_header(self, batches: dict[int, ExpertBatch], world: int) -> torch.Tensor:
+        header = super()._layer_header(batches, world)
+        if self.skewed:
+            header[1:, 5] = len(DTYPES)
+        return header
+
+
+def test_a_header_the_member_cannot_use_is_answered_as_a_failure(groups, store):
+    _, (g0, g1) = groups
+    h = g0.config.hidden_size
+    with serving(store, "header", g0, g1, shard=SkewedShard) as (transport, _, r0, r1):
+        b0, b1 = layer_batches(groups, 0, seed=0)
+        sends = [(r0, b0), (r1, b1)]
+        assert_same(transport.forward(sends), LocalTransport({"g0-a": g0, "g1-a": g1}).forward(sends))
+        epoch = transport.epoch
+
+        transport.skewed = True
+        answers = transport.forward(sends)
+        transport.skewed = False
+        for answer in answers:
+            assert isinstance(answer, ReplicaFailure)
+            assert f"the header names dtype index {len(DTYPES)}; this replica knows 0..{len(DTYPES) - 1}" in \
+                answer.reason
+
+        narrow = ExpertBatch(0, b0.hidden[:, :-1], b0.expert_ids, b0.weights)  # a hidden size not its group's
+        (answer,) = transport.forward([(r0, narrow)])
+        assert isinstance(answer, ReplicaFailure) and f"hidden must be [N, {h}], got" in answer.reason
+        assert_serves_on(transport, groups, r0, r1, epoch)
+
+
+class ShortensReplies:
+    """A member's process group that, while its member is `short`, sends each reply (a layer's fourth
+    all_to_all) one row short, as a member speaking another version of the protocol could."""
+
+    def __init__(self, pg, member: "ShortReplies"):
+        self.pg, self.member, self.calls = pg, member, 0
+
+    def alltoall_base(self, out, inp, out_rows, in_rows, options):
+        self.calls += 1
+        if self.calls == 4 and self.member.short:
+            inp, in_rows = inp[:-1], [in_rows[0] - 1] + in_rows[1:]
+        return self.pg.alltoall_base(out, inp, out_rows, in_rows, options)
+
+
+class ShortReplies(TorchMember):
+    """A member whose replies come one row short while `short`."""
+
+    short = False
+
+    def _serve_layer(self, pg, *args) -> bool:
+        return super()._serve_layer(ShortensReplies(pg, self), *args)
+
+
+def test_a_reply_that_comes_short_fails_its_send_and_the_epoch_serves_on(groups, store):
+    _, (g0, g1) = groups
+    with serving(store, "short", g0, g1, member=ShortReplies) as (transport, member, r0, r1):
+        b0, b1 = layer_batches(groups, 0, seed=0)
+        sends = [(r0, b0), (r1, b1)]
+        local = LocalTransport({"g0-a": g0, "g1-a": g1})
+        assert_same(transport.forward(sends), local.forward(sends))
+        epoch = transport.epoch
+        member.short = True
+        answers = transport.forward(sends)
+        member.short = False
+        owed = int((b0.expert_ids >= 0).sum()) + 1
+        assert isinstance(answers[0], ReplicaFailure)
+        assert answers[0].reason.startswith(f"replica g0-a answered fewer than the {owed} rows it owed")
+        assert_same(answers[1:], local.forward([(r1, b1)]))
+        assert_serves_on(transport, groups, r0, r1, epoch)
 
 
 @pytest.fixture
