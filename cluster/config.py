@@ -63,6 +63,12 @@ class HealthCheck(_Strict):
     timeout_s: float = Field(30.0, gt=0)
 
 
+# Serve notices a crashed replica only when a health check it sent fails, so the period bounds how long a group
+# whose replicas all died waits before Serve starts new ones (every layer needing it stalls meanwhile); a
+# group's check is one token through its experts, cheap enough to run every second.
+GROUP_HEALTH_CHECK = HealthCheck(period_s=1.0)
+
+
 class AttentionConfig(_Strict):
     """The AttentionShard deployment: each replica owns requests, KV cache and the attention layers."""
 
@@ -110,7 +116,7 @@ class ExpertGroupsConfig(_Strict):
     autoscaling: Autoscaling = Autoscaling()  # for the groups whose bounds have min < max
     failover_timeout: float = Field(30.0, gt=0)
     call_timeout: float = Field(10.0, gt=0)
-    health_check: HealthCheck = HealthCheck()
+    health_check: HealthCheck = GROUP_HEALTH_CHECK
 
     @model_validator(mode="after")
     def _known_groups(self):

@@ -261,7 +261,8 @@ class TorchTransport:
         h, k, dtype, device = first.hidden.shape[1], first.expert_ids.shape[1], first.hidden.dtype, first.hidden.device
         row = h * dtype.itemsize  # bytes of one hidden row
         rows = [len(batches[r].hidden) if r in batches else 0 for r in range(world)]  # N_r (0 for rank 0)
-        back = [int((batches[r].expert_ids >= 0).sum()) + 1 if r in batches else int(r > 0) for r in range(world)]
+        slots = dict(zip(ranks, torch.stack([(batches[r].expert_ids >= 0).sum() for r in ranks]).tolist()))  # A_r
+        back = [slots[r] + 1 if r in batches else int(r > 0) for r in range(world)]  # one sync for all members
         self._exchange_header(self._layer_header(batches, world))
         zeros = [0] * world
         hidden = torch.cat([batches[r].hidden for r in ranks]).view(torch.uint8)  # [sum N_r, H] as bytes

@@ -7,7 +7,7 @@ import pytest
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, namespace="msem", include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, namespace="msem", include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     yield ray
     ray.shutdown()

@@ -6,6 +6,8 @@ the same preset: greedy and seeded text is identical.
 """
 
 import asyncio
+import os
+import signal
 import time
 
 import httpx2 as httpx
@@ -90,7 +92,7 @@ def test_disconnect_aborts_the_request(app):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("deployment", ["AttentionShard", "ExpertGroup0"])
+@pytest.mark.parametrize("deployment", ["AttentionShard", "ExpertGroup0", "Router"])
 def test_killed_replica_mid_stream_loses_nothing(app, reference, deployment):
     before = replica_pids(deployment)
     killed = []
@@ -100,6 +102,17 @@ def test_killed_replica_mid_stream_loses_nothing(app, reference, deployment):
     assert (text, finish) == (reference("Once upon a time", 120), "length")
     after = replica_pids(deployment)
     assert after and not set(after) & set(before)  # Serve replaced the replica
+
+
+def test_new_requests_succeed_at_once_when_an_ingress_replica_dies(app, reference):
+    ingresses = replica_pids("Ingress")
+    assert len(ingresses) == 2  # the default: no single point of failure at the front
+    os.kill(next(iter(ingresses.values())), signal.SIGKILL)
+    client = openai_client(app)
+    for _ in range(8):  # at once, not after Serve replaced it
+        out = client.completions.create(model="tiny", prompt="Again", max_tokens=4, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == reference("Again", 4)
 
 
 def test_scaling_one_expert_group_touches_only_that_deployment(app):
