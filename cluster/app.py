@@ -2,9 +2,9 @@
 component of actors/, deployed here with its options and bound to the handles of the others (as Ray Serve LLM
 deploys its `LLMServer`).
 
-    Ingress ×2 ──► AttentionShard ×A ──(per MoE layer: grpc or torch)──► ExpertGroup0 ×r0, ExpertGroup1 ×r1, ...
+    Ingress ×2 ──► AttentionShard ×A ──(per MoE layer: grpc or torch)──► ExpertGroup0 ×r0, ExpertGroup1 ×r1
        │               │                                                   │ register, heartbeat
-       └───────────────┴──────────────────► Router ◄──────────────────────┘
+       └───────────────┴─────────────────► Router ◄───────────────────────┘
 
 - **Ingress** (here): the HTTP (OpenAI-compatible, through Serve's proxy) and gRPC (its own server) edge over
   one `Frontend`: validation, admission limits, and resuming a request on another shard when its shard dies.

@@ -119,7 +119,8 @@ class LoadWindow:
 
 
 class RouterService:
-    def __init__(self, placement: Placement, is_alive: Callable[[ReplicaInfo], bool] | None = None, policy: RebalancePolicy = RebalancePolicy(),
+    def __init__(self, placement: Placement, is_alive: Callable[[ReplicaInfo], bool] | None = None,
+                 policy: RebalancePolicy = RebalancePolicy(),
                  heartbeat_timeout_s: float | None = None, clock: Callable[[], float] = time.monotonic,
                  expected: ExpectedReplicas | None = None):
         """`heartbeat_timeout_s`: a replica that has not heartbeated for this long counts as not live in
