@@ -132,7 +132,8 @@ class RemoteExperts:
         t0 = time.perf_counter()
         flat = expert_ids.reshape(-1)
         if self._step_load is None or self._step_load.device != flat.device:
-            self._step_load = torch.zeros(self._load.shape, dtype=torch.long, device=flat.device)
+            with torch.inference_mode(False):  # a plain tensor: callers may or may not run in inference mode
+                self._step_load = torch.zeros(self._load.shape, dtype=torch.long, device=flat.device)
         self._step_load[layer_id].index_add_(0, flat, torch.ones_like(flat))  # no host sync
         if self._copy_table[0] != self.table.placement.version:  # a rebalanced table: rebuilt once, not per layer
             version, copies, num_copies = self.table.placement.version, *self.table.placement.copy_table()

@@ -331,3 +331,24 @@ def test_missing_groups_counts_only_replicas_with_recent_heartbeats():
     assert untimed.missing_groups() == []  # still in the routing table: no shard has failed on it yet
     service.heartbeat(a, tokens_served=0)
     assert service.missing_groups() == []
+
+
+def test_the_engine_marks_every_step_and_a_new_table_is_taken_only_at_its_start(mixtral_dir):
+    service, _, backend = local_cluster(mixtral_dir, (1, 1))
+    marks = []  # ("(" or ")", MoE layers run so far)
+    for name, mark in (("begin_step", "("), ("end_step", ")")):
+        original = getattr(backend, name)
+        setattr(backend, name, lambda _m=mark, _f=original: (marks.append((_m, len(backend.layer_seconds))), _f()))
+    backend.refresh_interval = 0.0
+    llm = small_llm(mixtral_dir, experts=backend)
+    llm.generate(prompt_token_ids=PROMPTS[:1], sampling_params=SamplingParams(max_tokens=3, ignore_eos=True))
+    assert marks == [("(", 0), (")", 2), ("(", 2), (")", 4), ("(", 4), (")", 6)]  # 3 steps of 2 MoE layers
+
+    version = backend.table.version
+    service.register(ReplicaInfo("g0-r1", 0))  # the table changes while a step runs
+    x = torch.randn(4, 64)
+    ids, weights = torch.tensor([[0, 3]] * 4), torch.full((4, 2), 0.5)
+    backend(1, x, ids, weights)
+    assert backend.table.version == version  # not mid-step
+    type(backend).begin_step(backend)
+    assert backend.table.version > version
