@@ -17,7 +17,8 @@ A vLLM alert rule carries over by writing `ray_vllm_` for `vllm:`. msem's own se
                vllm_time_to_first_token_seconds, vllm_inter_token_latency_seconds,
                vllm_e2e_request_latency_seconds, vllm_request_time_per_output_token_seconds,
                vllm_request_prompt_tokens, vllm_prompt_tokens, vllm_generation_tokens    {model_name}
-               vllm_request_success {model_name, finished_reason}, msem_requests_rejected {reason: 400|401|404|413|429}
+               vllm_request_success {model_name, finished_reason},
+               msem_requests_rejected {reason: 400|401|404|413|429|503}
     experts    msem_expert_routed_tokens {layer, expert, group, replica}, msem_expert_balancedness {layer},
                msem_expert_dispatch_seconds {transport, group}, msem_expert_outstanding_tokens {replica},
                msem_expert_failovers, msem_expert_failover_stall_seconds, msem_expert_group_replicas {group},

@@ -37,7 +37,8 @@ from actors.expert_group_server import ExpertGroupServer
 from actors.router import Router
 from cluster.autoscaling import RoutedTokensPolicy
 from cluster.config import Autoscaling, ExpertGroupsConfig, HealthCheck, Replicas, ServeConfig, parse_config
-from cluster.frontend import Frontend, OverloadedError, ShardLost, ShardRequest
+from cluster.errors import OverloadedError, ShardLost
+from cluster.frontend import Frontend, ShardRequest
 from engine.async_llm import AsyncLLM
 from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput

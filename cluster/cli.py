@@ -3,7 +3,8 @@
 Each subcommand is registered by a small `_add_*` function that builds its parser and sets `run` to its
 handler, so adding one is one function plus one line in `build_parser`. User mistakes (a missing model
 directory, an unknown preset, a bad config or checkpoint) print `error: <message>` on stderr and exit with
-status 2, like argparse's own usage errors; they never show a traceback.
+status 2, like argparse's own usage errors; they never show a traceback. `msem serve` stopped by Ctrl-C or
+SIGTERM drains, shuts down what it started and exits with status 0 (cluster/serve_command.py).
 
     msem serve [--config configs/tiny.yaml]  # HTTP (OpenAI API) + gRPC on Ray Serve; prints the endpoints
     msem generate --model tiny --prompt "Hello" [--chat] [--max-tokens N --temperature T --top-p P --seed S]

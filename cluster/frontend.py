@@ -10,6 +10,10 @@ its unfinished samples is resubmitted as its own request (n=1, the sample's own 
 tokens already delivered, so a new shard continues exactly where the old one stopped, and the number of
 characters the client already has, so nothing is sent twice. Deltas keep the user's sample indices.
 
+When nothing can take the request, it fails with `UnavailableError` (503 with Retry-After / UNAVAILABLE): no
+shard continued it within `limits.resume_timeout_s` of its first loss, the engine stopped, or Ray or Serve
+could not reach a replica (`as_unavailable`). A stream that has already sent deltas ends with that error.
+
 The shards are behind the `Shards` protocol: `LocalShards` drives an in-process `AsyncLLM`; the Serve
 deployment graph (cluster/app.py) routes to AttentionShard replicas.
 
@@ -31,9 +35,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from cluster.config import Limits
+from cluster.errors import (OverloadedError, ShardLost, UnavailableError, UnknownModelError, as_unavailable,
+                            first_line)
 from actors.metrics import ServingMetrics
 from engine.async_llm import AsyncLLM
-from engine.errors import EngineDeadError, InvalidRequestError
+from engine.errors import InvalidRequestError
 from engine.llm_engine import Resume, check_request
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -44,26 +50,6 @@ RESUME_BACKOFF_S = 0.1  # first wait before resubmitting; doubles per loss, at m
 HEALTH_TIMEOUT_S = 0.7  # each part of a health check, so that /health answers within 1 s
 ExpertInfo = Callable[[], Awaitable[dict | None]]
 ExpertHealth = Callable[[], Awaitable[list[int]]]  # the expert groups with no live replica now
-
-
-class ShardLost(Exception):
-    """The shard running a request died; the request can be resumed on another."""
-
-
-class OverloadedError(Exception):
-    """Admission limits reached: retry after `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: int):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class UnknownModelError(LookupError):
-    """The request names a model this server does not serve (404 / NOT_FOUND)."""
-
-
-class UnavailableError(RuntimeError):
-    """No shard can run the request now (503 / UNAVAILABLE)."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +149,7 @@ class Frontend:
         except TimeoutError:
             return f"no attention shard answered within {HEALTH_TIMEOUT_S:g} s"
         except Exception as error:  # noqa: BLE001 - the reason is the answer
-            return f"the attention shards are unreachable: {_first_line(error)}"
+            return f"the attention shards are unreachable: {first_line(error)}"
         return None if healthy else "no attention shard can take requests: the engine stopped"
 
     async def _experts_problem(self) -> str | None:
@@ -172,7 +158,7 @@ class Frontend:
         except TimeoutError:
             return f"the expert router did not answer within {HEALTH_TIMEOUT_S:g} s"
         except Exception as error:  # noqa: BLE001 - the reason is the answer
-            return f"the expert router is unreachable: {_first_line(error)}"
+            return f"the expert router is unreachable: {first_line(error)}"
         if len(missing) > 1:
             return f"expert groups {', '.join(map(str, missing))} have no live replica"
         return f"expert group {missing[0]} has no live replica" if missing else None
@@ -230,27 +216,44 @@ class Frontend:
             self.tokens_in_flight -= cost
 
     async def _run(self, first: _Leg, n: int) -> AsyncIterator[RequestOutput]:
-        """Run legs concurrently, merging their deltas; a lost leg is replaced by one leg per unfinished sample."""
+        """Run legs concurrently, merging their deltas; a lost leg is replaced by one leg per unfinished sample.
+
+        The legs resumed after a loss must deliver within `resume_timeout_s` of the first loss: until then the
+        wait for them is bounded (a resumed leg may sit in Serve's queue while no shard is up), and a later
+        loss past that time gives up too. Giving up raises `UnavailableError`.
+        """
         progress = [_Progress() for _ in range(n)]
         events: asyncio.Queue = asyncio.Queue(maxsize=max(2, n))  # pumps wait while the reader is behind
         tasks: dict[int, asyncio.Task] = {}
+        resumed: set[int] = set()  # legs started after a loss that have delivered nothing yet
         keys = itertools.count()
         first_loss, losses = None, 0
 
-        def start(leg: _Leg, delay: float = 0.0) -> None:
+        def start(leg: _Leg, delay: float = 0.0) -> int:
             key = next(keys)
             tasks[key] = asyncio.create_task(self._pump(key, leg, events, delay))
+            return key
+
+        def gave_up() -> UnavailableError:
+            return UnavailableError(f"no attention shard could continue the request within "
+                                    f"{self.limits.resume_timeout_s:g} s ({losses} shard losses)")
 
         start(first)
         try:
             while tasks:
-                key, leg, item = await events.get()
+                timeout = first_loss + self.limits.resume_timeout_s - time.monotonic() if resumed else None
+                try:
+                    key, leg, item = await asyncio.wait_for(events.get(), timeout)
+                except TimeoutError:
+                    raise gave_up() from None
                 if isinstance(item, RequestOutput):
+                    resumed.discard(key)
                     delta = self._record(item, leg, progress)
                     if delta is not None:
                         yield delta
                     continue
                 tasks.pop(key)
+                resumed.discard(key)
                 if item is None:  # the leg's stream ended
                     continue
                 if not isinstance(item, ShardLost):
@@ -258,11 +261,10 @@ class Frontend:
                 now = time.monotonic()
                 first_loss, losses = first_loss or now, losses + 1
                 if now - first_loss > self.limits.resume_timeout_s:
-                    raise UnavailableError(f"no attention shard could continue the request within "
-                                           f"{self.limits.resume_timeout_s:g} s ({losses} shard losses)") from item
+                    raise gave_up() from item
                 self.num_resubmits += 1
                 for leg_new in self._resume_legs(leg, progress):  # back off while Serve replaces the shard
-                    start(leg_new, delay=min(RESUME_BACKOFF_S * 2 ** (losses - 1), 2.0))
+                    resumed.add(start(leg_new, delay=min(RESUME_BACKOFF_S * 2 ** (losses - 1), 2.0)))
         finally:
             for task in tasks.values():
                 task.cancel()
@@ -280,11 +282,8 @@ class Frontend:
             logger.warning("request %s lost its shard (%s); resuming it elsewhere", leg.request.request_id, lost)
             await events.put((key, leg, lost))
             return
-        except EngineDeadError as error:
-            await events.put((key, leg, UnavailableError(str(error))))
-            return
         except BaseException as error:  # noqa: BLE001 - handed to the reader, which raises it
-            await events.put((key, leg, error))
+            await events.put((key, leg, as_unavailable(error) or error))
             return
         await events.put((key, leg, None))
 
@@ -317,11 +316,6 @@ class Frontend:
             legs.append(_Leg(ShardRequest(f"{request.request_id}.{user_index}r{self.num_resubmits}",
                                           request.prompt_token_ids, one, resume), [user_index]))
         return legs
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def usage(prompt_token_ids: Sequence[int], outputs: Sequence[CompletionOutput]) -> dict:

@@ -2,9 +2,11 @@
 
 It is the HTTP API's twin on the same edge: the `Frontend` tokenizes, validates and admits every request, so
 both APIs refuse the same requests with the same messages. This module only translates — protobuf messages to
-`SamplingParams` and prompt ids, engine deltas to `Choice` messages, and errors to status codes (one table,
-`_STATUS`): INVALID_ARGUMENT for an `InvalidRequestError`, NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED
-when admission refuses, UNAVAILABLE when no shard can run the request, INTERNAL (logged) for anything else.
+`SamplingParams` and prompt ids, engine deltas to `Choice` messages, and errors to status codes (`_status`):
+INVALID_ARGUMENT for an `InvalidRequestError`, NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED when admission
+refuses, UNAVAILABLE when nothing can take the request now (no shard continued it within the resume timeout,
+the engine stopped, Ray or Serve could not reach a replica: `as_unavailable`; gRPC clients retry that code),
+INTERNAL (logged) for anything else. A stream that has sent messages ends with the same status.
 
 Every generation is read inside `aclosing(frontend.generate(...))`. When the client cancels or its deadline
 passes, gRPC cancels the handler's task; the cancellation leaves through that block, which closes the
@@ -26,8 +28,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.frontend import Frontend, OverloadedError, UnavailableError, UnknownModelError
-from engine.errors import EngineDeadError, InvalidRequestError
+from cluster.errors import OverloadedError, UnknownModelError, as_unavailable
+from cluster.frontend import Frontend
+from engine.errors import InvalidRequestError
 from engine.llm import merge
 from engine.outputs import CompletionOutput, PositionLogprobs
 from engine.sampling_params import SamplingParams
@@ -39,13 +42,12 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "msem.inference.v1.Inference"
 
 REJECTED = {grpc.StatusCode.INVALID_ARGUMENT: "400", grpc.StatusCode.UNAUTHENTICATED: "401",
-            grpc.StatusCode.NOT_FOUND: "404", grpc.StatusCode.RESOURCE_EXHAUSTED: "429"}
+            grpc.StatusCode.NOT_FOUND: "404", grpc.StatusCode.RESOURCE_EXHAUSTED: "429",
+            grpc.StatusCode.UNAVAILABLE: "503"}
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (UnknownModelError, grpc.StatusCode.NOT_FOUND),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
 )
 # SamplingParams fields declared `optional` in the proto: absent means the engine's default.
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "logprobs",
@@ -139,13 +141,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - every failure becomes a status; cancellation passes
-            code = next((code for kind, code in _STATUS if isinstance(error, kind)), None)
+            code, message = _status(error)
             if code is None:
                 logger.exception("gRPC request failed")
                 await context.abort(grpc.StatusCode.INTERNAL,
                                     f"internal server error ({type(error).__name__}); the server logged it")
             self._rejected(code)
-            await context.abort(code, str(error))
+            await context.abort(code, message)
 
     def _rejected(self, code: grpc.StatusCode) -> None:
         """Count a refusal under the HTTP status of the same meaning, as the HTTP edge does."""
@@ -156,6 +158,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         header = dict(context.invocation_metadata() or ()).get("authorization", "")
         scheme, _, key = header.partition(" ")
         return scheme.lower() == "bearer" and any(hmac.compare_digest(key.encode(), k) for k in self._api_keys)
+
+
+def _status(error: Exception) -> tuple[grpc.StatusCode | None, str]:
+    """The status code and details for a failed RPC; None for an unexpected error (INTERNAL)."""
+    if (unavailable := as_unavailable(error)) is not None:
+        return grpc.StatusCode.UNAVAILABLE, str(unavailable)
+    return next((code for kind, code in _STATUS if isinstance(error, kind)), None), str(error)
 
 
 def sampling_params(message: pb.SamplingParams) -> SamplingParams:

@@ -18,13 +18,18 @@ Every error is OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`:
     405 invalid_request_error   wrong method on a route
     413 invalid_request_error   body over `max_body_bytes`, by Content-Length or by the bytes actually read
     429 rate_limit_error        admission limits reached (`OverloadedError`), with a Retry-After header
-    503 server_error            no shard can run the request (`UnavailableError`, `EngineDeadError`)
+    503 server_error            nothing can take the request now (code service_unavailable): no shard continued
+                                it within the resume timeout, the engine stopped, Ray or Serve could not reach
+                                a replica (`as_unavailable`); with a Retry-After header (`limits.retry_after_s`)
     500 server_error            anything else, logged; the message says nothing of the cause
 
 Bodies are read and decoded here, never by a framework, so no 422 can ever be answered. A stream's status
 line goes out with its first byte, so the handler awaits the request's first delta before the response starts:
-validation and admission errors, which the frontend raises before any delta, still get their own status. A
-failure after that is sent as a last `data: {"error": ...}` event before `data: [DONE]`.
+validation and admission errors, which the frontend raises before any delta, still get their own status (and
+so does a request that no shard can take: 503). A failure after that is sent as a last `data: {"error": ...}`
+event, the body the status would have had, before `data: [DONE]` (the official clients raise it as an
+`APIError`). Refusals (the 4xx above and 503) are counted in msem_requests_rejected, by status; `/health`'s
+503 is not a refusal and is not counted.
 
 A client that goes away stops its request: the event generator owns the frontend's delta iterator and closes
 it however the response ends — finished, the client disconnected (Starlette cancels the sender when uvicorn
@@ -47,15 +52,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from cluster.frontend import Frontend, OverloadedError, UnavailableError, UnknownModelError
+from cluster.errors import OverloadedError, UnknownModelError, as_unavailable
+from cluster.frontend import Frontend
 from cluster.openai_api import ApiRequest, ResponseBuilder, parse_chat_request, parse_completion_request
-from engine.errors import EngineDeadError, InvalidRequestError
+from engine.errors import InvalidRequestError
 from engine.llm import merge
 from engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
-REJECTED = (400, 401, 404, 413, 429)  # refusals counted in msem_requests_rejected, by status
+REJECTED = (400, 401, 404, 413, 429, 503)  # refusals counted in msem_requests_rejected, by status
 
 
 class ApiError(Exception):
@@ -96,7 +102,7 @@ class _Api:
                     self._authorize(request)
                 return await handler(request)
             except Exception as error:  # noqa: BLE001 - every failure is answered in OpenAI's error JSON
-                answer = _api_error(error)
+                answer = _api_error(error, self.frontend.limits.retry_after_s)
                 if answer.status in REJECTED and self.frontend.metrics:
                     self.frontend.metrics.rejected(str(answer.status))
                 return answer.response()
@@ -137,8 +143,8 @@ class _Api:
 
     async def health(self, request: Request) -> Response:
         reason = await self.frontend.unavailable_reason()  # bounded: answers within 1 s
-        if reason is not None:
-            raise ApiError(503, reason, "server_error", code="service_unavailable")
+        if reason is not None:  # answered, not raised: a probe's 503 is not a refused request
+            return _unavailable(reason, self.frontend.limits.retry_after_s).response()
         return JSONResponse({"status": "ok"})
 
     # ---- helpers ----
@@ -187,7 +193,7 @@ class _Api:
         deltas = frontend.generate(ids, params, request_id=request_id)
         if parsed.stream:
             first = await anext(deltas, None)  # bad input and overload raise here, before the status is sent
-            return _EventStream(_events(first, deltas, builder))
+            return _EventStream(_events(first, deltas, builder, frontend.limits.retry_after_s))
         output = await _collect(deltas, request.receive)
         if output is None:  # the client is gone; nobody reads this
             return Response(status_code=499)
@@ -209,7 +215,7 @@ class _EventStream(StreamingResponse):
 
 
 async def _events(first: RequestOutput | None, deltas: AsyncGenerator[RequestOutput, None],
-                  builder: ResponseBuilder) -> AsyncGenerator[bytes, None]:
+                  builder: ResponseBuilder, retry_after_s: int) -> AsyncGenerator[bytes, None]:
     try:
         for chunk in builder.chunks(first) if first is not None else ():
             yield _sse(chunk)
@@ -219,7 +225,7 @@ async def _events(first: RequestOutput | None, deltas: AsyncGenerator[RequestOut
         if builder.request.include_usage:
             yield _sse(builder.usage_chunk())
     except Exception as error:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-        yield _sse(_api_error(error).body())
+        yield _sse(_api_error(error, retry_after_s).body())
     finally:
         await deltas.aclose()
     yield b"data: [DONE]\n\n"
@@ -252,7 +258,7 @@ def _sse(data: dict) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _api_error(error: Exception) -> ApiError:
+def _api_error(error: Exception, retry_after_s: int) -> ApiError:
     """The HTTP answer to an exception raised while serving a request (the table in the module docstring)."""
     if isinstance(error, ApiError):
         return error
@@ -263,10 +269,15 @@ def _api_error(error: Exception) -> ApiError:
     if isinstance(error, OverloadedError):
         return ApiError(429, str(error), "rate_limit_error", code="rate_limit_exceeded",
                         headers={"Retry-After": str(error.retry_after)})
-    if isinstance(error, (UnavailableError, EngineDeadError)):
-        return ApiError(503, str(error), "server_error", code="service_unavailable")
+    if (unavailable := as_unavailable(error)) is not None:
+        return _unavailable(str(unavailable), retry_after_s)
     logger.error("request failed", exc_info=error)
     return ApiError(500, "internal server error", "server_error", code="internal_error")
+
+
+def _unavailable(message: str, retry_after_s: int) -> ApiError:
+    return ApiError(503, message, "server_error", code="service_unavailable",
+                    headers={"Retry-After": str(retry_after_s)})
 
 
 async def _route_error(request: Request, error: Exception) -> Response:

@@ -4,14 +4,32 @@
     msem serve --config configs/tiny.yaml    # a ServeConfig, or a Serve config file (its first app's args)
     msem serve --model DIR --expert-groups 4 --http-port 8080
 
-It joins the Ray cluster at RAY_ADDRESS or starts a local one, deploys the application "msem" (`deploy`:
+It joins the Ray cluster at RAY_ADDRESS or starts a local one of its own, deploys the application "msem" (`deploy`:
 declaratively, like `serve deploy`, so running it again with other replica bounds rescales only the
 deployments whose bounds changed; a Serve config file is deployed as written, so a later `serve deploy` of it
 with an edited `deployments:` section restarts only the deployments it names), waits (with a deadline) until
 `/health` answers, prints the HTTP, gRPC and experts endpoints, and serves until Ctrl-C or SIGTERM (or returns at once
 with `--detach`, leaving the application on the cluster).
+
+Stopping. SIGINT (Ctrl-C) and SIGTERM (`docker stop`, systemd, Kubernetes) stop it the same way, whether it is
+serving or still deploying, and it exits with status 0 (a SIGTERM within `ray.init`, its first seconds, meets
+Ray's own handlers, which stop the Ray started so far and exit with status 1 or 15):
+1. drain: the application is deleted, so Serve routes no new request to it and lets each replica finish the
+   requests it has (a stream runs to its end) for up to its `graceful_shutdown_timeout_s`, 20 s by default.
+   A second signal skips the rest of the drain; `DRAIN_TIMEOUT_S` bounds it if Serve does not answer.
+2. stop what this command started: a local Ray is shut down with everything in it (Serve too); on a cluster
+   at RAY_ADDRESS, Serve is shut down only when no other application is left on it.
+3. no process is left behind: any process started under this one (Ray's GCS, raylet, dashboard, its
+   DashboardAgent and RuntimeEnvAgent, the replicas' workers) that outlives `ray.shutdown` is terminated
+   (the dashboard's module processes, forked by its multiprocessing server, always do for a moment).
+   Ray's agents are the raylet's children and watch it: once it is gone they report its death to the GCS and
+   exit, but with the GCS gone too that report waits out a 60 s timeout, the agents re-parented to PID 1.
+   That is what happens when the driver dies without `ray.shutdown`, e.g. through Ray's C++ crash handler,
+   which `ray.init` installs for SIGTERM (it prints a stack dump and aborts); hence this command replaces it
+   by its own handler as soon as `ray.init` returns. A SIGKILLed driver can clean up nothing.
 """
 
+import contextlib
 import os
 import signal
 import time
@@ -19,6 +37,9 @@ import urllib.error
 import urllib.request
 
 from cluster.config import ExpertGroupsConfig, ServeConfig, load_config, load_serve_file
+
+DRAIN_TIMEOUT_S = 30.0  # bounds the drain; Serve stops a replica 20 s after asking it (graceful_shutdown_timeout_s)
+REAP_TIMEOUT_S = 5.0  # how long a leftover process has to exit after SIGTERM, before SIGKILL
 
 
 class DeployFailedError(RuntimeError):
@@ -53,15 +74,33 @@ def config_from_args(args) -> ServeConfig:
 
 def run_serve(args) -> int:
     import ray
-    from ray import serve
-
-    from cluster.app import deploy
 
     config = config_from_args(args)
     address = os.environ.get("RAY_ADDRESS")
     print(f"starting Ray {'at ' + address if address else 'locally'} ...", flush=True)
-    context = ray.init(address=address, namespace="msem", log_to_driver=False,
-                       **({} if address else {"num_cpus": max(4, os.cpu_count() or 1)}))
+    keep_running = False
+    try:
+        # "local": a Ray of its own, never one that `ray start` left on this machine (ray.init would join it)
+        context = ray.init(address=address or "local", namespace="msem", log_to_driver=False,
+                           **({} if address else {"num_cpus": max(4, os.cpu_count() or 1)}))
+        signal.signal(signal.SIGTERM, _interrupt)  # replaces Ray's crash handler at once (module docstring)
+        _deploy_and_announce(config, args, context.dashboard_url)
+        if args.detach:
+            keep_running = True
+            return 0
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, while serving or still starting
+        pass
+    finally:
+        if not keep_running:  # after an error too: what this command started does not outlive it
+            stop(is_local=address is None)
+    return 0
+
+
+def _deploy_and_announce(config: ServeConfig, args, dashboard_url: str | None) -> None:
+    from cluster.app import deploy
+
     print(f"deploying {config.model} ({_layout(config)}) ...", flush=True)
     deploy(config, load_serve_file(args.config) if args.config else None)
     base = f"http://{_display_host(config.host)}:{config.http_port}"
@@ -72,21 +111,92 @@ def run_serve(args) -> int:
           f"  experts      {base}/v1/experts" +
           (f"\n  gRPC         {_display_host(config.host)}:{config.grpc_port} (msem.inference.v1.Inference)"
            if config.grpc_port is not None else ""), flush=True)
-    print(ray_access(context.dashboard_url), flush=True)
-    if args.detach:
-        return 0
-    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop shuts down like Ctrl-C (Ray's own
-    try:                                        # handler would end the process and leave Ray's agents behind)
-        while True:
-            time.sleep(3600)
+    print(ray_access(dashboard_url), flush=True)
+
+
+def stop(is_local: bool) -> None:
+    """Drain the application, then stop what `msem serve` started and every process it left (module docstring).
+
+    `is_local`: this process started the Ray it runs on.
+    """
+    import ray
+
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # a second signal skips the rest of the drain
+        signal.signal(stop_signal, _interrupt)
+    try:
+        print("shutting down: requests in flight may finish (Ctrl-C again to stop at once) ...", flush=True)
+        if ray.is_initialized():  # not when interrupted inside ray.init (Serve's calls would start Ray)
+            _drain(DRAIN_TIMEOUT_S, stop_idle_serve=not is_local)
     except KeyboardInterrupt:
-        for stop in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the shutdown short
-            signal.signal(stop, signal.SIG_IGN)
-        print("shutting down ...", flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    return 0
+        print("stopping at once ...", flush=True)
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):  # nothing may cut the rest short
+        signal.signal(stop_signal, signal.SIG_IGN)
+    started = _descendants()  # while they still hang under this process: the raylet's children included
+    ray.shutdown()  # a local Ray: its GCS, raylet and workers, Serve with them
+    _terminate(started, REAP_TIMEOUT_S)
+
+
+def _drain(timeout: float, stop_idle_serve: bool) -> None:
+    """Delete the application and wait until Serve has stopped its replicas (at most `timeout` seconds); with
+    `stop_idle_serve`, then shut Serve down if no other application is left on it.
+
+    All on the main thread, so that a second signal interrupts it and no Ray call can outlive `ray.shutdown`
+    (one would start a new Ray: Serve's client calls `ray.init` when Ray is not running).
+    """
+    from ray import serve
+
+    from cluster.app import APP_NAME
+
+    try:
+        if APP_NAME in _serve_applications():
+            serve.delete(APP_NAME, _blocking=False)
+            deadline = time.monotonic() + timeout
+            while APP_NAME in _serve_applications():
+                if time.monotonic() > deadline:
+                    print(f"the application did not stop within {timeout:g} s; stopping it at once", flush=True)
+                    return
+                time.sleep(0.2)
+        if stop_idle_serve and not _serve_applications():
+            serve.shutdown()
+    except Exception as error:  # noqa: BLE001 - stopping goes on; the user learns why it did not drain
+        print(f"could not drain the application ({type(error).__name__}: {error}); stopping it at once",
+              flush=True)
+
+
+def _serve_applications() -> set[str]:
+    from ray import serve
+
+    return set(serve.status().applications)
+
+
+def _descendants() -> list:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def _terminate(processes: list, timeout: float) -> None:
+    """Terminate those of `processes` still running after `ray.shutdown`; kill any that outlive `timeout`."""
+    import psutil
+
+    alive = [p for p in processes if _is_running(p)]
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, stubborn = psutil.wait_procs(alive, timeout=timeout)
+    for process in stubborn:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(stubborn, timeout=timeout)
+
+
+def _is_running(process) -> bool:
+    import psutil
+
+    try:  # is_running() also checks that the pid was not reused; a zombie has exited already
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def ray_access(dashboard_url: str | None) -> str:
@@ -113,6 +223,7 @@ def ray_access(dashboard_url: str | None) -> str:
 
 
 def _interrupt(signum, frame) -> None:
+    """SIGTERM (and a second signal while draining) takes the Ctrl-C path."""
     raise KeyboardInterrupt
 
 

@@ -1,5 +1,6 @@
-"""The frontend resumes requests whose shard died, so the client sees exactly a fault-free run; its health
-check names what is missing, within a second."""
+"""The frontend resumes requests whose shard died, so the client sees exactly a fault-free run; when nothing can
+take a request it fails with `UnavailableError` (503 / UNAVAILABLE at the edges), never hangs; its health check
+names what is missing, within a second."""
 
 import asyncio
 import time
@@ -7,8 +8,9 @@ import time
 import pytest
 
 from cluster.config import Limits
-from cluster.frontend import Frontend, LocalShards, OverloadedError, ShardLost, UnavailableError
-from engine.errors import InvalidRequestError
+from cluster.errors import OverloadedError, ShardLost, UnavailableError, as_unavailable
+from cluster.frontend import Frontend, LocalShards
+from engine.errors import EngineDeadError, InvalidRequestError
 from engine.llm import merge
 from engine.sampling_params import SamplingParams
 from tests.unit.cluster.conftest import make_frontend
@@ -69,6 +71,72 @@ def test_gives_up_after_the_resume_timeout(async_llm):
     with pytest.raises(UnavailableError, match="within 0.5 s"):
         _collect(frontend, SamplingParams(max_tokens=8, ignore_eos=True))
     assert frontend.num_requests == 0
+
+
+class VanishingShards(LocalShards):
+    """The first stream loses its shard after one delta; later ones wait forever, as a request does in Serve's
+    queue while no shard is up."""
+
+    def __init__(self, llm):
+        super().__init__(llm)
+        self.requests = []
+
+    async def stream(self, request):
+        self.requests.append(request)
+        if len(self.requests) > 1:
+            await asyncio.Event().wait()
+        async for delta in super().stream(request):
+            yield delta
+            raise ShardLost("shard died")
+
+
+def test_a_resumed_request_that_no_shard_takes_gives_up_in_time(async_llm):
+    shards = VanishingShards(async_llm)
+    frontend = Frontend("tiny", async_llm.tokenizer, async_llm.max_model_len, 32000, shards,
+                        Limits(resume_timeout_s=0.5))
+    began = time.monotonic()
+    with pytest.raises(UnavailableError, match="within 0.5 s"):
+        _collect(frontend, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert 0.5 <= time.monotonic() - began < 3 and len(shards.requests) == 2
+    assert frontend.num_requests == 0 and frontend.tokens_in_flight == 0
+
+
+def _ray_errors() -> dict[str, Exception]:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    return {"DeploymentUnavailableError": DeploymentUnavailableError(DeploymentID("AttentionShard", "msem")),
+            "ReplicaUnavailableError": ReplicaUnavailableError("replica-1"),
+            "ActorDiedError": ActorDiedError(),
+            "ActorUnavailableError": ActorUnavailableError("connection lost to 10.0.0.7:41234", None)}
+
+
+@pytest.mark.parametrize("name", list(_ray_errors()))
+def test_a_replica_ray_cannot_reach_means_unavailable(async_llm, name):
+    error = _ray_errors()[name]
+    unavailable = as_unavailable(error)
+    assert isinstance(unavailable, UnavailableError)
+    assert str(unavailable) == f"the server cannot reach a replica to run the request now ({name}); retry later"
+
+    class UnreachableShards(LocalShards):  # as a Serve handle raises it, before any delta
+        async def stream(self, request):
+            raise error
+            yield
+
+    frontend = Frontend("tiny", async_llm.tokenizer, async_llm.max_model_len, 32000, UnreachableShards(async_llm))
+    with pytest.raises(UnavailableError, match=name):
+        _collect(frontend, SamplingParams(max_tokens=4))
+    assert frontend.num_requests == 0
+
+
+def test_only_unavailability_is_unavailable():
+    stopped = EngineDeadError("the engine stopped")
+    assert str(as_unavailable(stopped)) == "the engine stopped"
+    already = UnavailableError("no shard")
+    assert as_unavailable(already) is already
+    for other in (RuntimeError("boom"), ShardLost("resumable"), TimeoutError(), InvalidRequestError("bad")):
+        assert as_unavailable(other) is None
 
 
 def test_admission_limits_refuse_instead_of_queueing(async_llm):

@@ -289,14 +289,30 @@ def test_api_keys_guard_inference_but_not_health(serve):
         client.list_models()
 
 
-@pytest.mark.parametrize("error, code", [(EngineDeadError("the engine stopped"), grpc.StatusCode.UNAVAILABLE),
-                                         (RuntimeError("boom"), grpc.StatusCode.INTERNAL)])
-def test_shard_failures(serve, async_llm, error, code):
+def _unreachable() -> Exception:
+    """Serve's error for a deployment that has no replica to take a request."""
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    return DeploymentUnavailableError(DeploymentID("AttentionShard", "msem"))
+
+
+@pytest.mark.parametrize("error, code, counted", [
+    (EngineDeadError("the engine stopped"), grpc.StatusCode.UNAVAILABLE, ["503", "503"]),
+    (_unreachable(), grpc.StatusCode.UNAVAILABLE, ["503", "503"]),
+    (RuntimeError("boom"), grpc.StatusCode.INTERNAL, []),
+], ids=["engine-dead", "no-replica", "bug"])
+def test_shard_failures(serve, async_llm, monkeypatch, error, code, counted):
     frontend = _frontend(async_llm, ControlledShards(async_llm, error=error))
+    rejected = []
+    monkeypatch.setattr(frontend.metrics, "rejected", rejected.append)
     with grpc.insecure_channel(serve(frontend)) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
-        assert _code(stub.GenerateStream, pb.GenerateRequest(text="Hi"))[0] == code
+        for rpc in (stub.Generate, stub.GenerateStream):
+            status, details = _code(rpc, pb.GenerateRequest(text="Hi"))
+            assert status == code and "AttentionShard" not in details
         assert frontend.num_requests == 0
+    assert rejected == counted
 
 
 def test_oversized_message_is_refused(serve):

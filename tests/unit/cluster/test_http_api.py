@@ -271,6 +271,7 @@ def test_health_tells_what_is_missing_within_a_second(async_llm, shards, groups,
             else:
                 assert reply.json() == {"error": {"message": message, "type": "server_error", "param": None,
                                                   "code": "service_unavailable"}}
+                assert reply.headers["Retry-After"] == "1"
 
 
 class FailingShards(LocalShards):
@@ -293,29 +294,55 @@ class FailingShards(LocalShards):
         return False
 
 
-@pytest.mark.parametrize("error, status, kind", [(EngineDeadError("the engine stopped"), 503, "server_error"),
-                                                 (RuntimeError("secret detail"), 500, "server_error")])
-def test_server_failures(async_llm, error, status, kind):
+def _unreachable() -> Exception:
+    """Serve's error for a deployment that has no replica to take a request."""
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    return DeploymentUnavailableError(DeploymentID("AttentionShard", "msem"))
+
+
+@pytest.mark.parametrize("error, status, code", [
+    (EngineDeadError("the engine stopped"), 503, "service_unavailable"),
+    (_unreachable(), 503, "service_unavailable"),
+    (RuntimeError("secret detail"), 500, "internal_error"),
+], ids=["engine-dead", "no-replica", "bug"])
+def test_server_failures(async_llm, monkeypatch, error, status, code):
     shards = FailingShards(async_llm, error, after=0)
-    frontend = Frontend("tiny", async_llm.tokenizer, async_llm.max_model_len, 32000, shards)
+    frontend = Frontend("tiny", async_llm.tokenizer, async_llm.max_model_len, 32000, shards,
+                        Limits(retry_after_s=3))
+    rejected = []
+    monkeypatch.setattr(frontend.metrics, "rejected", rejected.append)
     body = {"prompt": "Hi", "max_tokens": 4}
     with serve(frontend) as url:
-        assert httpx2.get(f"{url}/health").status_code == 503
+        assert httpx2.get(f"{url}/health").status_code == 503  # a probe, not a refused request: not counted
         for stream in (False, True):  # a stream that fails before its first delta still gets the status
             reply = httpx2.post(f"{url}{COMPLETIONS}", json={**body, "stream": stream})
-            assert reply.status_code == status and reply.json()["error"]["type"] == kind
-            assert "secret" not in reply.text
+            assert reply.status_code == status
+            assert reply.json()["error"]["type"] == "server_error" and reply.json()["error"]["code"] == code
+            assert reply.headers.get("Retry-After") == ("3" if status == 503 else None)
+            assert "secret" not in reply.text and "AttentionShard" not in reply.text
+    assert rejected == (["503", "503"] if status == 503 else [])
 
 
-def test_an_error_after_the_stream_started_is_the_last_event(async_llm):
-    shards = FailingShards(async_llm, RuntimeError("boom"), after=2)
+@pytest.mark.parametrize("error, code", [(RuntimeError("boom"), "internal_error"),
+                                         (_unreachable(), "service_unavailable")], ids=["bug", "no-replica"])
+def test_an_error_after_the_stream_started_is_the_last_event(async_llm, error, code):
+    shards = FailingShards(async_llm, error, after=2)
     frontend = Frontend("tiny", async_llm.tokenizer, async_llm.max_model_len, 32000, shards)
     with serve(frontend) as url:
         reply = httpx2.post(f"{url}{COMPLETIONS}", json={"prompt": "Hi", "max_tokens": 8, "stream": True,
                                                         "ignore_eos": True})
+        # The official client raises that event as an error: the stream is not taken for a finished one.
+        with pytest.raises(openai.APIError, match="replica" if code == "service_unavailable" else "internal"):
+            for _ in openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0).completions.create(
+                    model="tiny", prompt="Hi", max_tokens=8, stream=True, extra_body={"ignore_eos": True}):
+                pass
     assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
     events = [e.removeprefix("data: ") for e in reply.text.split("\n\n") if e]
-    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error"
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["type"] == "server_error"
+    assert json.loads(events[-2])["error"]["code"] == code
     assert [json.loads(e)["object"] for e in events[:-2]] == ["text_completion"] * 2
 
 

@@ -20,7 +20,7 @@ import actors.metrics as metrics
 from cluster import dashboard_command
 from cluster.cli import main
 from cluster.config import Limits
-from cluster.frontend import OverloadedError
+from cluster.errors import OverloadedError
 from engine.errors import InvalidRequestError
 from engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams

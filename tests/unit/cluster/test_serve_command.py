@@ -1,33 +1,147 @@
-"""`msem serve` stops the same way on Ctrl-C and on SIGTERM: Serve and Ray are shut down, nothing is left."""
+"""`msem serve` stops the same way on Ctrl-C and on SIGTERM, serving or still starting: it drains the application,
+stops what it started, and leaves no process behind (tests/integration/test_shutdown.py does it for real)."""
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
 
+class FakeRay:
+    """Ray and Serve as `msem serve` calls them, recording the calls; `drains` is False for an application that
+    never finishes its requests."""
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
-def test_msem_serve_shuts_down_on_ctrl_c_and_sigterm(monkeypatch, capsys, stop):
-    import ray
-    from ray import serve
+    def __init__(self, monkeypatch, drains: bool = True, other_apps: tuple[str, ...] = ()):
+        import ray
+        from ray import serve
 
+        import cluster.app
+        import cluster.serve_command as command
+
+        self.calls, self.apps = [], {"msem", *other_apps}
+        self.drains = drains
+        monkeypatch.setattr(ray, "init", lambda **kwargs: SimpleNamespace(dashboard_url="127.0.0.1:8265"))
+        monkeypatch.setattr(ray, "is_initialized", lambda: True)
+        monkeypatch.setattr(ray, "shutdown", lambda: self.calls.append("ray.shutdown"))
+        monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=dict.fromkeys(self.apps)))
+        monkeypatch.setattr(serve, "delete", self._delete)
+        monkeypatch.setattr(serve, "shutdown", lambda: self.calls.append("serve.shutdown"))
+        monkeypatch.setattr(cluster.app, "deploy", lambda config, serve_file: self.calls.append("deploy"))
+        monkeypatch.setattr(command, "wait_until_healthy", lambda base, timeout: None)
+        monkeypatch.setattr(command, "_descendants", lambda: [])  # never this test run's own processes
+
+    def _delete(self, name: str, _blocking: bool = True) -> None:
+        self.calls.append(f"delete {name}")
+        if self.drains:
+            self.apps.discard(name)
+
+
+@pytest.fixture
+def restore_signals():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def _on_sleep(monkeypatch, action) -> None:
+    """Run `action(seconds)` instead of sleeping (in `msem serve` only)."""
+    import cluster.serve_command as command
+
+    monkeypatch.setattr(command, "time", SimpleNamespace(sleep=action, monotonic=time.monotonic))
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_serving_drains_then_stops_ray(monkeypatch, capsys, restore_signals, stop):
+    from cluster.cli import main
+
+    ray = FakeRay(monkeypatch)
+    _on_sleep(monkeypatch, lambda seconds: os.kill(os.getpid(), stop))
+    assert main(["serve", "--model", "tiny"]) == 0
+    assert ray.calls == ["deploy", "delete msem", "ray.shutdown"]  # a local Ray takes Serve with it
+    out = capsys.readouterr().out
+    assert "ready" in out and "shutting down" in out and "stopping at once" not in out
+
+
+def test_a_signal_while_deploying_stops_too(monkeypatch, capsys, restore_signals):
     import cluster.app
+    from cluster.cli import main
+
+    ray = FakeRay(monkeypatch)
+    monkeypatch.setattr(cluster.app, "deploy", lambda config, serve_file: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(["serve", "--model", "tiny"]) == 0
+    assert ray.calls == ["delete msem", "ray.shutdown"]
+    assert "ready" not in capsys.readouterr().out
+
+
+def test_a_second_signal_skips_the_drain(monkeypatch, capsys, restore_signals):
+    from cluster.cli import main
+
+    ray = FakeRay(monkeypatch, drains=False)
+    _on_sleep(monkeypatch, lambda seconds: os.kill(os.getpid(), signal.SIGTERM))  # serving, then the drain's poll
+    assert main(["serve", "--model", "tiny"]) == 0
+    assert ray.calls == ["deploy", "delete msem", "ray.shutdown"]
+    assert "stopping at once" in capsys.readouterr().out
+
+
+def test_a_failed_start_stops_what_it_started(monkeypatch, capsys, restore_signals):
     import cluster.serve_command as command
     from cluster.cli import main
 
-    calls = []
-    monkeypatch.setattr(ray, "init", lambda **kwargs: SimpleNamespace(dashboard_url="127.0.0.1:8265"))
-    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
-    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
-    monkeypatch.setattr(cluster.app, "deploy", lambda config, serve_file: calls.append("deploy"))
-    monkeypatch.setattr(command, "wait_until_healthy", lambda base, timeout: None)
-    monkeypatch.setattr(command.time, "sleep", lambda seconds: os.kill(os.getpid(), stop))
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    ray = FakeRay(monkeypatch)
+
+    def fail(base, timeout):
+        raise command.DeployFailedError("the application failed to deploy: out of GPUs")
+
+    monkeypatch.setattr(command, "wait_until_healthy", fail)
+    assert main(["serve", "--model", "tiny"]) == 2
+    assert ray.calls == ["deploy", "delete msem", "ray.shutdown"]
+    assert "out of GPUs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("other_apps, calls", [
+    ((), ["deploy", "delete msem", "serve.shutdown", "ray.shutdown"]),
+    (("other",), ["deploy", "delete msem", "ray.shutdown"]),
+], ids=["serve-idle", "serve-in-use"])
+def test_on_a_cluster_serve_stops_only_when_nothing_else_runs_on_it(monkeypatch, restore_signals, other_apps,
+                                                                     calls):
+    from cluster.cli import main
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    ray = FakeRay(monkeypatch, other_apps=other_apps)
+    _on_sleep(monkeypatch, lambda seconds: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(["serve", "--model", "tiny"]) == 0
+    assert ray.calls == calls
+
+
+def test_detach_leaves_the_application_running(monkeypatch, restore_signals):
+    from cluster.cli import main
+
+    ray = FakeRay(monkeypatch)
+    assert main(["serve", "--model", "tiny", "--detach"]) == 0
+    assert ray.calls == ["deploy"]
+
+
+def test_leftover_processes_are_terminated_then_killed():
+    import ray  # noqa: F401 - puts Ray's psutil on sys.path
+    import psutil
+
+    from cluster.serve_command import _terminate
+
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                 "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert stubborn.stdout.readline() == "ready\n"  # its SIGTERM handler is in place
     try:
-        assert main(["serve", "--model", "tiny"]) == 0
+        began = time.monotonic()
+        _terminate([psutil.Process(polite.pid), psutil.Process(stubborn.pid)], timeout=0.5)
+        assert polite.poll() is not None and stubborn.poll() is not None  # _terminate reaped them: gone
+        assert 0.5 <= time.monotonic() - began < 5  # the stubborn one was given its 0.5 s, then killed
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    assert calls == ["deploy", "serve.shutdown", "ray.shutdown"]
-    assert "shutting down" in capsys.readouterr().out
+        for process in (polite, stubborn):
+            process.kill()
+            process.wait()
