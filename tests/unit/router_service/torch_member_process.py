@@ -7,7 +7,7 @@ import threading
 
 
 def serve_member(model_dir: str, num_groups: int, group_id: int, replica_id: str, store_host: str,
-                 store_port: int, session: str, heartbeat_interval: float) -> None:
+                 store_port: int, session: str, heartbeat_interval: float, device: str = "cpu") -> None:
     import torch
 
     from experts.expert_group import ExpertGroup
@@ -23,6 +23,6 @@ def serve_member(model_dir: str, num_groups: int, group_id: int, replica_id: str
     reader = CheckpointReader(model_dir)
     config = reader.config
     placement = make_placement(config.num_experts, config.num_layers, num_groups, "round_robin")
-    group = ExpertGroup.load(reader, placement, group_id, torch.float32)
+    group = ExpertGroup.load(reader, placement, group_id, torch.float32, device)
     TorchMember(group, replica_id, store_host, store_port, session, heartbeat_interval=heartbeat_interval).start()
     threading.Event().wait()  # serve until killed
