@@ -105,8 +105,9 @@ def _start_ray(model_dir: str, placement: Placement, dtype: str, wire_dtype: tor
     started = not ray.is_initialized()
     if started:
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, namespace=RAY_NAMESPACE, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": max(2, os.cpu_count() or 1)}))
+        # "local": a Ray of its own, never one that `ray start` left on this machine (ray.init would join it)
+        ray.init(address=address or "local", namespace=RAY_NAMESPACE, include_dashboard=False,
+                 log_to_driver=False, **({} if address else {"num_cpus": max(2, os.cpu_count() or 1)}))
     host = "127.0.0.1" if not os.environ.get("RAY_ADDRESS") else ray.util.get_node_ip_address()
     gpus = config.num_gpus_per_group
     if gpus is None:
