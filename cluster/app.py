@@ -125,7 +125,7 @@ def build_app(config: ServeConfig) -> serve.Application:
         group_compute = compute_for(config.dtype, group_gpus)
         link = ExpertLink(eg.resolved_transport(group_gpus > 0), _layer_host(config), eg.call_timeout,
                           eg.failover_timeout)
-        router = RouterDeployment.options(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}).bind(
+        router = RouterDeployment.options(max_ongoing_requests=1000, ray_actor_options=_control(config)).bind(
             placement, eg.rebalance.model_dump(), ExpectedReplicas(model.hidden_size, (group_compute.dtype,)))
         groups = [ExpertGroupDeployment.options(name=f"ExpertGroup{g}", **_group_options(eg, g, gpus)).bind(
             config.model, g, router, group_compute, transport=link.transport, host=_layer_host(config),
@@ -141,7 +141,7 @@ def build_app(config: ServeConfig) -> serve.Application:
     ).bind(AsyncLLM, engine_kwargs, compute_for(config.dtype, shard_gpus), router, link,
            model_name=config.model_name)
     return Ingress.options(num_replicas=config.ingress_replicas, max_ongoing_requests=config.limits.max_requests + 64,
-                           ray_actor_options={"num_cpus": 0}).bind(config, shard, router, groups)
+                           ray_actor_options=_control(config)).bind(config, shard, router, groups)
 
 
 def deploy(config: ServeConfig, serve_file: dict | None = None) -> None:
@@ -198,6 +198,11 @@ def _generated(config: ServeConfig) -> dict:
             "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": f"{__name__}:app_builder",
                               "args": config.model_copy(update=scaling_free).model_dump(mode="json"),
                               "deployments": overrides}]}
+
+
+def _control(config: ServeConfig) -> dict:
+    """Ray options of the control plane's replicas (Ingress, Router): no CPU, on the head by default."""
+    return {"num_cpus": 0, "resources": config.control_resources}
 
 
 def _cluster_has_gpus() -> bool:

@@ -155,6 +155,10 @@ class ServeConfig(_Strict):
     attention: AttentionConfig = AttentionConfig()
     expert_groups: ExpertGroupsConfig | None = ExpertGroupsConfig()  # None: experts inside the shards
     ingress_replicas: int = Field(2, ge=1)  # the edge; with two, a dead one costs no new request
+    # Ray resources of the Ingress and Router replicas. The default is a resource only the head node has: they
+    # ask for no CPU, so Serve would spread them onto any node, where the loss of a GPU node (or its autoscaled
+    # removal) would take the edge's streams or the routing table with it.
+    control_resources: dict[str, float] = {"node:__internal_head__": 0.001}
     limits: Limits = Limits()
     host: str = "127.0.0.1"  # HTTP and gRPC bind here; loopback unless told otherwise
     http_port: int = Field(8000, ge=1, le=65535)
