@@ -21,6 +21,7 @@ CUDA is touched only inside `__init__`, after Ray has set CUDA_VISIBLE_DEVICES f
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -97,7 +98,8 @@ class ExpertGroupServer:
     def _heartbeats(self) -> None:
         while True:
             try:
-                answer = call(self.router, "heartbeat", self.info, self.group.tokens_served, self.follower.version,
+                info = dataclasses.replace(self.info, spec=self._spec())  # what it holds now (rebalances)
+                answer = call(self.router, "heartbeat", info, self.group.tokens_served, self.follower.version,
                               timeout_s=10)
                 self.follower.follow(answer)
                 self._follow_sessions(answer["sessions"])
