@@ -84,7 +84,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     llm = LLM(args.model, dtype="float32", max_model_len=512, progress=False,
               expert_parallel=ExpertParallelConfig(num_groups=2, transport="local"))
     backend = llm.expert_runtime.backend

@@ -155,7 +155,7 @@ def main() -> None:
 
     prompt_ids = [1] + [100 + i % 1000 for i in range(args.prompt_tokens - 1)]
     results = {"engine": run_engine(args, prompt_ids)}
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="msem")
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="msem")
     try:
         results["serve"] = run_serve(args, prompt_ids, None)
         results["serve+ep2"] = run_serve(args, prompt_ids, 2)

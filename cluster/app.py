@@ -73,6 +73,8 @@ def plan(config: ServeConfig) -> tuple[Path, Placement | None]:
         raise ConfigError(f"{config.model} is a dense model, which has no experts to place: set expert_groups "
                           "to null in the config (msem serve: --expert-groups 0)")
     eg = config.expert_groups
+    gpus = _cluster_has_gpus()
+    eg.resolved_transport(_gpus(eg.num_gpus, gpus), _gpus(config.attention.num_gpus, gpus))  # refuses misfits
     # Replica counts live in each deployment's options, not in the placement: scaling stays per group.
     placement = make_placement(model.num_experts, model.num_layers, eg.num_groups, eg.placement, 1,
                                redundant_slots=eg.redundant_slots)
@@ -123,7 +125,7 @@ def build_app(config: ServeConfig) -> serve.Application:
         eg, model = config.expert_groups, CheckpointReader(model_dir).config
         group_gpus = _gpus(eg.num_gpus, gpus)
         group_compute = compute_for(config.dtype, group_gpus)
-        link = ExpertLink(eg.resolved_transport(group_gpus > 0), _layer_host(config), eg.call_timeout,
+        link = ExpertLink(eg.resolved_transport(group_gpus, shard_gpus), _layer_host(config), eg.call_timeout,
                           eg.failover_timeout)
         router = RouterDeployment.options(max_ongoing_requests=1000, ray_actor_options=_control(config)).bind(
             placement, eg.rebalance.model_dump(), ExpectedReplicas(model.hidden_size, (group_compute.dtype,)))

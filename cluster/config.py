@@ -128,11 +128,18 @@ class ExpertGroupsConfig(_Strict):
     def bounds(self, group: int) -> Replicas:
         return self.group_replicas.get(group, self.replicas)
 
-    def resolved_transport(self, on_gpus: bool) -> str:
-        """The transport in use: the configured one, or for "auto" torch on GPUs and grpc on CPUs."""
-        if self.transport != "auto":
-            return self.transport
-        return "torch" if on_gpus else "grpc"
+    def resolved_transport(self, group_gpus: float, shard_gpus: float) -> str:
+        """The transport in use: the configured one, or for "auto" torch when the groups and the shards have
+        whole GPUs and grpc otherwise. NCCL refuses two ranks of one communicator on one GPU, so the torch
+        transport on GPUs needs whole ones (fractions could put a shard and a group on the same GPU)."""
+        whole = group_gpus >= 1 and shard_gpus >= 1 and group_gpus == int(group_gpus) and shard_gpus == int(shard_gpus)
+        if self.transport == "auto":
+            return "torch" if whole else "grpc"
+        if self.transport == "torch" and (group_gpus or shard_gpus) and not whole:
+            raise ConfigError(f"expert_groups.transport torch on GPUs needs whole GPUs per replica (NCCL refuses two "
+                              f"ranks on one GPU); got {group_gpus} per group replica and {shard_gpus} per shard: "
+                              "use whole numbers, or transport grpc")
+        return self.transport
 
 
 class Limits(_Strict):

@@ -46,6 +46,7 @@ computes (expert id >= 0), H hidden.
 import datetime
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -74,8 +75,15 @@ def _connect(host: str, port: int) -> dist.TCPStore:
 
 
 def _make_group(store: dist.Store, rank: int, world: int, backend: str, timeout: float):
-    """A group of our own, never the global default one: a process may take part in several sessions."""
+    """A group of our own, never the global default one: a process may take part in several sessions.
+
+    NCCL: by default PyTorch's watchdog tears the whole process down when a collective fails or times out,
+    and `wait()` returns before the collective ends. Failover needs the gloo behaviour instead: a wait that
+    blocks and raises, after which the group is dropped and a new epoch formed. Blocking wait gives that (set
+    before the first NCCL group of the process, which reads it). Not yet exercised on GPUs."""
     if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = _seconds(timeout)
         return dist.ProcessGroupNCCL(store, rank, world, options)
@@ -118,6 +126,7 @@ class TorchTransport:
         self._store = _connect(store_host, store_port)
         self._pg, self._backend, self._ranks = None, "gloo", {}  # ranks: replica id -> rank 1..n
         self._excluded: dict[str, int] = {}  # replica id -> its heartbeat count when it was left out
+        self._device = torch.device("cpu")  # where the layers' rows live (a GPU for NCCL)
         self._lock = threading.Lock()
 
     def forward(self, sends: list[tuple[ReplicaInfo, ExpertBatch]]) -> list[torch.Tensor | ReplicaFailure]:
@@ -128,6 +137,8 @@ class TorchTransport:
             raise ValueError(f"the torch transport sends {DTYPES}, not {batches[0].hidden.dtype}")
         with self._lock:
             backend = "nccl" if any(b.hidden.is_cuda for b in batches) else "gloo"
+            if batches:
+                self._device = batches[0].hidden.device  # the header travels where the rows do
             wanted = self._wanted()
             if wanted != list(self._ranks) or backend != self._backend or (wanted and self._pg is None):
                 self._form_epoch(wanted, backend)  # at a step boundary: nothing is in flight
@@ -240,7 +251,7 @@ class TorchTransport:
                 "re-send its batch to another replica")
 
     def _exchange_header(self, header: torch.Tensor) -> None:
-        device, ones = "cuda" if self._backend == "nccl" else "cpu", [1] * len(header)
+        device, ones = self._device if self._backend == "nccl" else "cpu", [1] * len(header)
         _all_to_all(self._pg, torch.empty_like(header, device=device), header.to(device), ones, ones).wait()
 
     @staticmethod

@@ -111,3 +111,24 @@ def test_a_failed_deployment_is_reported_instead_of_waited_for(monkeypatch):
         port = s.getsockname()[1]
     with pytest.raises(DeployFailedError, match="out of GPUs"):
         wait_until_healthy(f"http://127.0.0.1:{port}", timeout=60)
+
+
+@pytest.mark.parametrize("transport,group_gpus,shard_gpus,expected", [
+    ("auto", 0, 0, "grpc"),  # CPU: grpc measured faster than gloo (docs/PERFORMANCE.md)
+    ("auto", 1, 1, "torch"),  # NCCL between whole GPUs
+    ("auto", 0.5, 1, "grpc"),  # a fraction could share a GPU with a shard, which NCCL refuses
+    ("auto", 1, 0, "grpc"),  # a CPU shard in front of GPU groups
+    ("torch", 0, 0, "torch"),  # gloo
+    ("grpc", 1, 1, "grpc"),
+])
+def test_the_transport_in_use(transport, group_gpus, shard_gpus, expected):
+    from cluster.config import ExpertGroupsConfig
+
+    assert ExpertGroupsConfig(transport=transport).resolved_transport(group_gpus, shard_gpus) == expected
+
+
+def test_torch_on_fractional_gpus_is_refused_with_the_numbers():
+    from cluster.config import ExpertGroupsConfig
+
+    with pytest.raises(ConfigError, match="needs whole GPUs .* got 0.5 per group replica and 1 per shard"):
+        ExpertGroupsConfig(transport="torch").resolved_transport(0.5, 1)
