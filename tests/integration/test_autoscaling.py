@@ -37,7 +37,7 @@ def dashboard():
     import ray
 
     port = free_port()
-    ray.init(num_cpus=4, namespace="msem", include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=4, namespace="msem", include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, log_to_driver=False, configure_logging=False)
     yield f"http://127.0.0.1:{port}"
     ray.shutdown()

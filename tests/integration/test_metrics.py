@@ -32,8 +32,8 @@ def metrics_port():
     import ray
 
     port = free_port()
-    ray.init(num_cpus=4, namespace="msem", include_dashboard=False, log_to_driver=False, configure_logging=False,
-             _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
+    ray.init(address="local", num_cpus=4, namespace="msem", include_dashboard=False, log_to_driver=False,
+             configure_logging=False, _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
     yield port
     ray.shutdown()
 
