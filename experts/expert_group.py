@@ -197,8 +197,9 @@ class ExpertGroup:
                                    f"{batch.layer_id} (it holds {list(held.expert_ids)} there)")
 
     @torch.inference_mode()
-    def forward(self, batch: ExpertBatch) -> torch.Tensor:
+    def forward(self, batch: ExpertBatch, count: bool = True) -> torch.Tensor:
         """-> [A, H] weighted slot outputs (see `ExpertBatch`), on the batch's device and in its dtype.
+        `count`: add the batch to `tokens_served` (the load signal); health probes do not.
 
         Each device computes the rows of the tokens with a slot there, converted to the weights' dtype; every
         device is started before any answer is awaited. Each expert sees the same rows in the same order as on a
@@ -208,7 +209,8 @@ class ExpertGroup:
         ids = batch.expert_ids.cpu()  # [N, k]
         self._validate(batch, ids, layers)
         held = layers[batch.layer_id]
-        self.tokens_served += int((ids >= 0).sum())
+        if count:
+            self.tokens_served += int((ids >= 0).sum())
         answers = [self._compute(batch, share.local_ids[ids], share, device)  # -1 stays -1: entry E is -1
                    for share, device in zip(held.shares, self.devices)]  # [A_d, H] each, on its device
         if len(answers) == 1:

@@ -8,7 +8,8 @@ own, and waits at most `timeout_s` for the answer.
 
 A probe that is still running when the next check comes is shared, not doubled: a wedged group holds one
 stuck thread however often it is checked, and every check fails within its own deadline while it stays
-wedged. The probe batch counts in `tokens_served` like any other (one token per check).
+wedged. The probe batch does not count in `tokens_served`: checks run every second, and the routed-token load
+that autoscaling reads must not see them.
 
 One probe serves every health path of a replica: the ExpertService's Health RPC, the Serve replica's
 `check_health` and the Ray actor's `health`.
@@ -74,7 +75,7 @@ class ExpertProbe:
         weights = torch.zeros(1, k)  # [1, k]
         weights[0, 0] = 1.0
         hidden = torch.full((1, h), 0.01, dtype=group.dtype)  # [1, H]
-        out = group.forward(ExpertBatch(layer, hidden, expert_ids, weights))  # [1, H]
+        out = group.forward(ExpertBatch(layer, hidden, expert_ids, weights), count=False)  # [1, H]
         if tuple(out.shape) != (1, h) or not bool(torch.isfinite(out).all()):
             raise ExpertProbeFailed(f"the answer is {list(out.shape)} with non-finite values or the wrong "
                                     f"shape; expected [1, {h}] finite values")

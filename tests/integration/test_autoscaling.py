@@ -110,7 +110,8 @@ def test_scaling_one_group_by_yaml_restarts_nothing_else(dashboard, tmp_path):
                         "serve", "--config", str(config), "--detach", "--timeout", "300"],
                        env=env, cwd=ROOT, check=True, timeout=400)
         before = {d: set(replica_pids(d)) for d in (*OTHERS, "ExpertGroup1")}
-        assert all(len(ids) == 1 for ids in before.values()), before
+        assert {d: len(ids) for d, ids in before.items()} == {"Ingress": 2, "AttentionShard": 1, "Router": 1,
+                                                              "ExpertGroup0": 1, "ExpertGroup1": 1}, before
 
         text = config.read_text()
         scaled = text.replace("    # deployments:\n    #   - name: ExpertGroup1\n    #     num_replicas: 2",

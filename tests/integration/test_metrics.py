@@ -42,7 +42,8 @@ def metrics_port():
 def app(metrics_port):
     from ray import serve
 
-    config = tiny_config(grpc_port=None, api_keys=[KEY], limits={"max_requests": MAX_REQUESTS},
+    # one Ingress replica: admission limits hold per replica, so MAX_REQUESTS clients fill its slots
+    config = tiny_config(grpc_port=None, api_keys=[KEY], limits={"max_requests": MAX_REQUESTS}, ingress_replicas=1,
                          attention={"max_num_seqs": 2}, expert_groups={"group_replicas": {1: {"min": 2, "max": 2}}})
     deploy_and_wait(config)
     yield config

@@ -20,7 +20,11 @@ from tests.integration.serving import (deploy_and_wait, kill_replicas, openai_cl
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=["grpc", "torch"])
+BOTH = pytest.mark.parametrize("app", ["grpc", "torch"], indirect=True)  # tests of the layer path
+EDGE = pytest.mark.parametrize("app", ["grpc"], indirect=True)  # tests of the edge, whatever the transport
+
+
+@pytest.fixture(scope="module")
 def app(ray_cluster, request):
     from ray import serve
 
@@ -30,6 +34,7 @@ def app(ray_cluster, request):
     serve.shutdown()
 
 
+@BOTH
 def test_openai_api_matches_the_single_process_engine(app, reference):
     client = openai_client(app)
     assert [m.id for m in client.models.list().data] == ["tiny"]
@@ -47,6 +52,7 @@ def test_openai_api_matches_the_single_process_engine(app, reference):
     assert len(chat.choices) == 2 and all(c.message.role == "assistant" for c in chat.choices)
 
 
+@BOTH
 def test_64_concurrent_requests(app):
     async def main():
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}", timeout=120) as http:
@@ -60,6 +66,7 @@ def test_64_concurrent_requests(app):
     assert all(r.json()["usage"]["completion_tokens"] == 6 for r in replies)
 
 
+@EDGE
 def test_grpc_and_experts_dashboard(app):
     from cluster.client import InferenceClient
 
@@ -76,6 +83,7 @@ def test_grpc_and_experts_dashboard(app):
         experts = httpx.get(f"http://127.0.0.1:{app.http_port}/v1/experts").json()
 
 
+@EDGE
 def test_disconnect_aborts_the_request(app):
     from ray import serve
 
@@ -92,6 +100,7 @@ def test_disconnect_aborts_the_request(app):
         time.sleep(0.05)
 
 
+@BOTH
 @pytest.mark.parametrize("deployment", ["AttentionShard", "ExpertGroup0", "Router"])
 def test_killed_replica_mid_stream_loses_nothing(app, reference, deployment):
     before = replica_pids(deployment)
@@ -104,17 +113,24 @@ def test_killed_replica_mid_stream_loses_nothing(app, reference, deployment):
     assert after and not set(after) & set(before)  # Serve replaced the replica
 
 
+@EDGE
 def test_new_requests_succeed_at_once_when_an_ingress_replica_dies(app, reference):
     ingresses = replica_pids("Ingress")
     assert len(ingresses) == 2  # the default: no single point of failure at the front
-    os.kill(next(iter(ingresses.values())), signal.SIGKILL)
+    killed = next(iter(ingresses))
+    os.kill(ingresses[killed], signal.SIGKILL)
     client = openai_client(app)
     for _ in range(8):  # at once, not after Serve replaced it
         out = client.completions.create(model="tiny", prompt="Again", max_tokens=4, temperature=0,
                                         extra_body={"ignore_eos": True})
         assert out.choices[0].text == reference("Again", 4)
+    deadline = time.monotonic() + 120  # Serve replaces it (and later tests find two again)
+    while not (len(now := replica_pids("Ingress")) == 2 and killed not in now):
+        assert time.monotonic() < deadline, "Serve did not replace the killed Ingress replica"
+        time.sleep(0.2)
 
 
+@BOTH
 def test_scaling_one_expert_group_touches_only_that_deployment(app):
     others = {d: set(replica_pids(d)) for d in ("Ingress", "AttentionShard", "Router", "ExpertGroup0")}
     group1 = set(replica_pids("ExpertGroup1"))

@@ -23,12 +23,12 @@ class WedgedGroup:
     def __getattr__(self, name):
         return getattr(self.group, name)
 
-    def forward(self, batch):
+    def forward(self, batch, count=True):
         self.calls += 1
         if self.error is not None:
             raise self.error
         self.release.wait()
-        return self.group.forward(batch)
+        return self.group.forward(batch, count)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def group(mixtral_dir) -> ExpertGroup:
 def test_a_group_that_computes_passes(group):
     before = group.tokens_served
     ExpertProbe(group).check()
-    assert group.tokens_served == before + 1  # one token through one expert of layer 0
+    assert group.tokens_served == before  # checks are not load: autoscaling reads tokens_served
 
 
 def test_a_wedged_group_fails_within_the_deadline_and_recovers(group):
