@@ -108,8 +108,6 @@ def _cmdline(process) -> list[str]:
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM-to-process", "SIGINT-to-group"])
 def test_msem_serve_stops_cleanly(tmp_path, stop):
-    import ray  # noqa: F401 - puts Ray's psutil on sys.path
-
     config = tiny_config().model_copy(update={"expert_groups": None})
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local Ray of its own
