@@ -14,6 +14,7 @@ It wraps `RouterService` (routing table, per-expert load, rebalancing) with what
 
 import asyncio
 import logging
+import threading
 import time
 
 from actors.metrics import RouterMetrics, publish_every
@@ -41,6 +42,7 @@ class Router:
                                      policy=RebalancePolicy(**(rebalance or {})), expected=expected)
         self.session_timeout_s = session_timeout_s
         self._sessions: dict[str, tuple[tuple[str, int], float]] = {}  # session -> (store address, renewed at)
+        self._sessions_lock = threading.Lock()  # calls and the tick thread both touch them
         self.metrics = RouterMetrics()
         self._stop = publish_every(TICK_S, self._tick, "msem-router-tick")
 
@@ -59,7 +61,8 @@ class Router:
 
     def heartbeat(self, info: ReplicaInfo, tokens_served: int, placement_version: int | None = None) -> dict:
         """The service's answer (what to hold) and the torch sessions to take part in."""
-        sessions = {session: address for session, (address, _) in self._sessions.items()}
+        with self._sessions_lock:
+            sessions = {session: address for session, (address, _) in self._sessions.items()}
         return {**self.service.heartbeat(info, tokens_served, placement_version), "sessions": sessions}
 
     def placements(self) -> list[Placement]:
@@ -82,16 +85,18 @@ class Router:
 
     def open_session(self, session: str, store_address: tuple[str, int]) -> None:
         """List (or renew) a shard's torch session, whose store is at `store_address`, for the group replicas."""
-        if session not in self._sessions:
-            logger.info("torch session %s opened (store %s:%d)", session, *store_address)
-        self._sessions[session] = (tuple(store_address), time.monotonic())
+        with self._sessions_lock:
+            if session not in self._sessions:
+                logger.info("torch session %s opened (store %s:%d)", session, *store_address)
+            self._sessions[session] = (tuple(store_address), time.monotonic())
 
     def _expire_sessions(self) -> None:
         now = time.monotonic()
-        for session, (_, renewed) in list(self._sessions.items()):
-            if now - renewed > self.session_timeout_s:
-                del self._sessions[session]
-                logger.info("torch session %s closed: not renewed for %.0f s", session, now - renewed)
+        with self._sessions_lock:
+            for session, (_, renewed) in list(self._sessions.items()):
+                if now - renewed > self.session_timeout_s:
+                    del self._sessions[session]
+                    logger.info("torch session %s closed: not renewed for %.0f s", session, now - renewed)
 
     # ---- rebalancing and the view ----
 
@@ -107,7 +112,9 @@ class Router:
         return result
 
     def describe(self) -> dict:
-        return {**self.service.describe(), "sessions": sorted(self._sessions)}
+        with self._sessions_lock:
+            sessions = sorted(self._sessions)
+        return {**self.service.describe(), "sessions": sessions}
 
     def load_stats(self) -> dict:
         return self.service.load_stats()
