@@ -274,6 +274,8 @@ class RouterService:
             load = self._load.clone()
         candidate = eplb.rebalance(load.tolist(), current)
         result = self._summary("unchanged", current, candidate, load)
+        if not int(load.sum()):
+            result["message"] = "no expert load recorded yet: shards report theirs once a second while serving"
         gain = result["balancedness_after"] - result["balancedness_before"]
         if result["moved"] and gain > 0 and gain >= min_gain:
             self._pending = (candidate, now)

@@ -29,6 +29,14 @@ def _experts(config) -> dict:
     return httpx.get(f"http://127.0.0.1:{config.http_port}/v1/experts", timeout=10).json()
 
 
+def _wait_for_load(config) -> None:
+    """Shards push their expert load once a second: plan only once the Router has some to plan from."""
+    deadline = time.monotonic() + 30
+    while not sum(map(sum, _experts(config)["load"]["window"]["per_layer_expert"])):
+        assert time.monotonic() < deadline, "no shard reported expert load within 30 s"
+        time.sleep(0.05)
+
+
 def test_a_live_rebalance_changes_no_output_and_a_restarted_replica_loads_it(app, reference):
     client = openai_client(app)
     client.completions.create(model="tiny", prompt="Warm up the load window", max_tokens=16)
@@ -42,6 +50,7 @@ def test_a_live_rebalance_changes_no_output_and_a_restarted_replica_loads_it(app
     for thread in threads:
         thread.start()
     started.wait()  # every stream is under way: the switch happens mid-generation
+    _wait_for_load(app)
     reply = httpx.post(f"http://127.0.0.1:{app.http_port}/v1/experts/rebalance", timeout=120).json()
     for thread in threads:
         thread.join(120)

@@ -111,7 +111,8 @@ def test_periodic_rebalancing_moves_only_for_enough_gain():
 
 def test_without_load_a_rebalance_changes_nothing():
     service, _ = _service(Clock())
-    assert service.rebalance()["status"] == "unchanged"
+    reply = service.rebalance()
+    assert reply["status"] == "unchanged" and "no expert load" in reply["message"]
     assert service.table.placement.version == 0
 
 
