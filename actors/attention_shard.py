@@ -108,12 +108,20 @@ def connect_experts(router, link: ExpertLink, shard_id: str, model_dir: str, dty
     return backend, session
 
 
+def memory_report(stats) -> dict:
+    """What a shard tells the memory store about its own tiers: the device pool (T0) and host RAM (T1)."""
+    return {"device": {"usage": stats.kv_cache_usage, "prefix_cache_queries": stats.prefix_cache_queries,
+                       "prefix_cache_hits": stats.prefix_cache_hits}, **(stats.kv_tiers or {})}
+
+
 class AttentionShard:
     async def __init__(self, engine_cls, engine_kwargs: dict, compute: Compute, router=None,
-                       link: ExpertLink = ExpertLink(), *, shard_id: str | None = None, model_name: str = "msem"):
+                       link: ExpertLink = ExpertLink(), *, shard_id: str | None = None, model_name: str = "msem",
+                       memory_store=None, memory_timeout_s: float = 2.0):
         """`engine_kwargs`: the engine's arguments (`model`: a preset name or checkpoint directory, limits) but
-        the compute and experts, which the shard adds; `router`: None for a dense model or experts inside the
-        shard."""
+        the compute, experts and memory store, which the shard adds; `router`: None for a dense model or
+        experts inside the shard; `memory_store`: the shared KV tier's handle (None: none), whose calls that
+        take longer than `memory_timeout_s` count as misses."""
         if shard_id is None:
             from ray import serve
 
@@ -124,16 +132,22 @@ class AttentionShard:
             self.experts, self._session = await asyncio.to_thread(
                 connect_experts, router, link, shard_id, model_dir, compute.torch_dtype,
                 engine_kwargs.get("max_num_batched_tokens", 2048), ExpertMetrics())
+        self._memory_store = memory_store
+        store_call = None if memory_store is None else \
+            (lambda method, *args: call(memory_store, method, *args, timeout_s=memory_timeout_s))
         self.llm = await asyncio.to_thread(engine_cls, **engine_kwargs, dtype=compute.dtype, device=compute.device,
-                                           experts=self.experts, progress=False)
+                                           experts=self.experts, memory_store_call=store_call, progress=False)
         self.metrics = EngineMetrics(model_name, shard_id)
         self._stop = publish_every(METRICS_S, self._publish, "msem-engine-metrics")
 
     def _publish(self) -> None:
-        """Once a second: the engine's stats; and the expert load and layer-path stats gathered since the last
-        step end pushed them (steps push only while the engine runs, so an idle shard would keep its last second
-        of counts)."""
-        self.metrics.publish(self.llm.stats())
+        """Once a second: the engine's stats (to the metrics, and its KV tiers' to the memory store, which shows
+        them in `/v1/memory`); and the expert load and layer-path stats gathered since the last step end pushed
+        them (steps push only while the engine runs, so an idle shard would keep its last second of counts)."""
+        stats = self.llm.stats()
+        self.metrics.publish(stats)
+        if self._memory_store is not None:
+            send(self._memory_store, "report_shard", self.shard_id, memory_report(stats))
         if self.experts is not None:
             self.experts.flush_load()
             self.experts.flush_stats(due_only=True)

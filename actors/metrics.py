@@ -107,6 +107,9 @@ class _EngineSeries:
     kv_usage: Gauge
     prefix_queries: Counter
     prefix_hits: Counter
+    tier_used: Gauge
+    tier_blocks: Counter
+    tier_bytes: Counter
 
 
 @functools.cache
@@ -118,6 +121,13 @@ def _engine_series() -> _EngineSeries:
         kv_usage=Gauge("vllm_kv_cache_usage_perc", "Share of KV-cache blocks in use (1 = full).", tags),
         prefix_queries=Counter("vllm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", tags),
         prefix_hits=Counter("vllm_prefix_cache_hits", "Prompt tokens found in the prefix cache.", tags),
+        tier_used=Gauge("msem_kv_tier_used_bytes", "Bytes held by a KV tier below the device pool (host: this "
+                        "shard's RAM).", tags + ("tier",)),
+        tier_blocks=Counter("msem_kv_tier_loaded_blocks", "KV blocks loaded into the device pool from a tier "
+                            "instead of recomputed (host: this shard's RAM; store: the shared MemoryStore).",
+                            tags + ("tier",)),
+        tier_bytes=Counter("msem_kv_tier_bytes", "Bytes moved between this shard and a KV tier, by direction "
+                           "(in: into the tier).", tags + ("tier", "direction")),
     )
 
 
@@ -248,6 +258,7 @@ class EngineMetrics:
         self.series = _engine_series()
         self.tags = {"model_name": model_name, "engine": engine_id}
         self._queries = self._hits = 0
+        self._totals: dict[tuple, int] = {}  # last cumulative tier figure seen, per series and tags
 
     def publish(self, stats: EngineStats) -> None:
         s, tags = self.series, self.tags
@@ -259,6 +270,40 @@ class EngineMetrics:
         if stats.prefix_cache_hits > self._hits:
             s.prefix_hits.inc(stats.prefix_cache_hits - self._hits, tags)
         self._queries, self._hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        if stats.kv_tiers is not None:
+            self._publish_tiers(stats.kv_tiers)
+
+    def _publish_tiers(self, tiers: dict) -> None:
+        s, host, store = self.series, tiers["host"], tiers["store"] or {}
+        s.tier_used.set(host["used_bytes"], {**self.tags, "tier": "host"})
+        for tier, n in tiers["loaded_blocks"].items():
+            self._inc(s.tier_blocks, n, tier=tier)
+        for tier, figures in (("host", host), ("store", store)):
+            for direction in ("in", "out"):
+                if f"bytes_{direction}" in figures:
+                    # the store client counts from the shard's side: its bytes_in came out of the store
+                    flipped = {"in": "out", "out": "in"}[direction] if tier == "store" else direction
+                    self._inc(s.tier_bytes, figures[f"bytes_{direction}"], tier=tier, direction=flipped)
+
+    def _inc(self, counter: Counter, total: int, **extra: str) -> None:
+        """Add what a cumulative figure grew by since the last publish."""
+        key = (id(counter), *sorted(extra.items()))
+        if total > self._totals.get(key, 0):
+            counter.inc(total - self._totals.get(key, 0), {**self.tags, **extra})
+        self._totals[key] = total
+
+
+class MemoryStoreMetrics:
+    """The memory store's own tiers, as `msem_kv_tier_used_bytes` with tier store_ram / store_disk."""
+
+    def __init__(self, model_name: str):
+        self.series = _engine_series()
+        self.tags = {"model_name": model_name, "engine": "MemoryStore"}
+
+    def publish(self, stats: dict) -> None:
+        for tier in ("ram", "disk"):
+            if stats[tier] is not None:
+                self.series.tier_used.set(stats[tier]["used_bytes"], {**self.tags, "tier": f"store_{tier}"})
 
 
 # ---- expert side ----

@@ -14,6 +14,8 @@ deploys its `LLMServer`).
   bounds, so a hot group scales without touching the others (autoscaled on routed tokens/s by
   `RoutedTokensPolicy`).
 - **Router** (`actors.router`): routing table, per-expert load, rebalancing, the torch transport's store.
+- **MemoryStore** (`actors.memory_store`): the shared KV tier (T2) under every shard's device pool and host
+  RAM; shards read it on a miss, write to it by the write policy, and recompute while it is down.
 
 Device and dtype are decided here, once per role (`compute_for`), and handed to the components. Serve handles
 are the control plane; the per-layer hop goes straight to the replicas (a Serve call per layer would cost
@@ -34,6 +36,7 @@ from ray.serve.exceptions import BackPressureError
 from actors.attention_shard import AttentionShard, ExpertLink
 from actors.compute import compute_for
 from actors.expert_group_server import ExpertGroupServer
+from actors.memory_store import MemoryStore
 from actors.router import Router
 from cluster.autoscaling import RoutedTokensPolicy
 from cluster.config import Autoscaling, ExpertGroupsConfig, HealthCheck, Replicas, ServeConfig, parse_config
@@ -136,14 +139,24 @@ def build_app(config: ServeConfig) -> serve.Application:
     engine_kwargs = {"model": config.model, "tokenizer": config.tokenizer, "max_model_len": config.max_model_len,
                      "max_num_seqs": attention.max_num_seqs, "max_num_batched_tokens": attention.max_num_batched_tokens,
                      "kv_cache_memory": attention.kv_cache_memory}
+    memory, store = config.memory, None
+    if memory is not None:
+        engine_kwargs |= {"host_kv_cache_memory": memory.host_bytes, "kv_write_policy": memory.write_policy}
+    if memory is not None and memory.store is not None:
+        ms = memory.store
+        store = MemoryStoreDeployment.options(
+            max_ongoing_requests=1000, **_health_options(HealthCheck(period_s=2.0)),
+            ray_actor_options={"num_cpus": ms.num_cpus, "resources": ms.resources},
+        ).bind(ms.ram_bytes, ms.directory, ms.disk_bytes, memory.write_policy, config.model_name)
     shard = AttentionShardDeployment.options(
         **_shard_scaling(config), **_health_options(attention.health_check),
         ray_actor_options={"num_cpus": attention.num_cpus, "num_gpus": shard_gpus, "resources": attention.resources,
                            **({"runtime_env": {"env_vars": LAYER_PATH_ENV}} if placement is not None else {})},
     ).bind(AsyncLLM, engine_kwargs, compute_for(config.dtype, shard_gpus), router, link,
-           model_name=config.model_name)
+           model_name=config.model_name, memory_store=store,
+           memory_timeout_s=memory.store.timeout_s if store is not None else 2.0)
     return Ingress.options(num_replicas=config.ingress_replicas, max_ongoing_requests=config.limits.max_requests + 64,
-                           ray_actor_options=_control(config)).bind(config, shard, router, groups)
+                           ray_actor_options=_control(config)).bind(config, shard, router, groups, store)
 
 
 def deploy(config: ServeConfig, serve_file: dict | None = None) -> None:
@@ -263,6 +276,7 @@ def _layer_host(config: ServeConfig) -> str | None:
 RouterDeployment = serve.deployment(Router, name="Router", num_replicas=1)
 ExpertGroupDeployment = serve.deployment(ExpertGroupServer, name="ExpertGroup")
 AttentionShardDeployment = serve.deployment(AttentionShard, name="AttentionShard")
+MemoryStoreDeployment = serve.deployment(MemoryStore, name="MemoryStore", num_replicas=1)
 
 
 class ServeShards:
@@ -299,7 +313,7 @@ class ServeShards:
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    async def __init__(self, config: ServeConfig, shard, router, groups: list):
+    async def __init__(self, config: ServeConfig, shard, router, groups: list, memory_store=None):
         model_dir = resolve_model(config.model)
         model = CheckpointReader(model_dir).config
         self.config, self.router = config, router
@@ -307,7 +321,8 @@ class Ingress:
                                  config.max_model_len or model.max_position_embeddings, model.vocab_size,
                                  ServeShards(shard), config.limits, self._experts if router is not None else None,
                                  self._rebalance if router is not None else None,
-                                 expert_health=self._missing_groups if router is not None else None)
+                                 expert_health=self._missing_groups if router is not None else None,
+                                 memory_info=memory_store.describe.remote if memory_store is not None else None)
         self.grpc_server = None
         if config.grpc_port is not None:
             from cluster.grpc_api import start_grpc_server

@@ -142,6 +142,29 @@ class ExpertGroupsConfig(_Strict):
         return self.transport
 
 
+class MemoryStoreConfig(_Strict):
+    """The shared KV tier (T2): one `MemoryStore` replica with an LRU in RAM over an optional directory on disk.
+    Serve replaces it when it dies; shards recompute while it is gone."""
+
+    ram_bytes: int = Field(4 << 30, ge=0)
+    directory: str | None = None  # the disk tier (`~` expands); None: RAM only. It survives a restart
+    disk_bytes: int = Field(64 << 30, ge=0)  # hard limit on the directory's block files
+    timeout_s: float = Field(2.0, gt=0)  # a shard's read that takes longer is a miss (it recomputes)
+    num_cpus: float = Field(0.5, ge=0)
+    resources: dict[str, float] = {}
+
+
+class MemoryConfig(_Strict):
+    """Tiers below each attention shard's device KV pool (T0): see `engine/kv_tiers.py` and the README."""
+
+    host_bytes: int = Field(1 << 30, ge=0)  # T1: this much host RAM per shard for blocks the pool evicts; 0: none
+    # When blocks go to the store (and, inside it, from RAM to disk): "write-back" when evicted from the tier
+    # above (least traffic); "write-through" as soon as they are computed (another shard can reuse them at
+    # once); "hit-twice" offered when computed, kept only once offered twice (one-off prompts stay out).
+    write_policy: Literal["write-through", "write-back", "hit-twice"] = "write-back"
+    store: MemoryStoreConfig | None = MemoryStoreConfig()  # T2; None: no shared tier
+
+
 class Limits(_Strict):
     """Admission limits of one ingress replica: beyond them a request is refused (429), never queued."""
 
@@ -161,6 +184,7 @@ class ServeConfig(_Strict):
     max_model_len: int | None = Field(None, ge=2)
     attention: AttentionConfig = AttentionConfig()
     expert_groups: ExpertGroupsConfig | None = ExpertGroupsConfig()  # None: experts inside the shards
+    memory: MemoryConfig | None = MemoryConfig()  # None: only each shard's device pool
     ingress_replicas: int = Field(2, ge=1)  # the edge; with two, a dead one costs no new request
     # Ray resources of the Ingress and Router replicas. The default is a resource only the head node has: they
     # ask for no CPU, so Serve would spread them onto any node, where the loss of a GPU node (or its autoscaled

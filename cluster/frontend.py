@@ -48,6 +48,7 @@ from engine.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 RESUME_BACKOFF_S = 0.1  # first wait before resubmitting; doubles per loss, at most 2 s
 HEALTH_TIMEOUT_S = 0.7  # each part of a health check, so that /health answers within 1 s
+MEMORY_TIMEOUT_S = 2.0  # /v1/memory waits this long for the memory store
 ExpertInfo = Callable[[], Awaitable[dict | None]]
 ExpertHealth = Callable[[], Awaitable[list[int]]]  # the expert groups with no live replica now
 
@@ -106,11 +107,12 @@ class Frontend:
     def __init__(self, model_name: str, tokenizer: Tokenizer, max_model_len: int, vocab_size: int,
                  shards: Shards, limits: Limits = Limits(), expert_info: ExpertInfo | None = None,
                  rebalance_experts: ExpertInfo | None = None, record_metrics: bool = True,
-                 expert_health: ExpertHealth | None = None):
+                 expert_health: ExpertHealth | None = None, memory_info: ExpertInfo | None = None):
         self.model_name, self.tokenizer, self.shards, self.limits = model_name, tokenizer, shards, limits
         self.metrics = ServingMetrics(model_name) if record_metrics else None  # see actors/metrics.py
         self._expert_info, self._rebalance = expert_info, rebalance_experts
         self._expert_health = expert_health
+        self._memory_info = memory_info
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self.num_requests = 0
         self.tokens_in_flight = 0
@@ -171,6 +173,19 @@ class Frontend:
     async def rebalance_experts(self) -> dict | None:
         """Rebalance the expert placement now (see `RouterService.rebalance`); None without expert groups."""
         return await self._rebalance() if self._rebalance is not None else None
+
+    async def memory(self) -> dict | None:
+        """The KV tiers (`MemoryStore.describe`): the store's RAM and disk, and each shard's device pool and host
+        RAM as it last reported them; None without a memory store. Raises `UnavailableError` when the store does
+        not answer within `MEMORY_TIMEOUT_S` (requests are served regardless)."""
+        if self._memory_info is None:
+            return None
+        try:
+            return await asyncio.wait_for(self._memory_info(), MEMORY_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - down or slow: say so; generation does not depend on it
+            reason = "timed out" if isinstance(error, TimeoutError) else first_line(error)
+            raise UnavailableError(f"the memory store did not answer ({reason}); requests are served without "
+                                   "it, by recomputing") from None
 
     # ---- generation ----
 
@@ -318,8 +333,10 @@ class Frontend:
         return legs
 
 
-def usage(prompt_token_ids: Sequence[int], outputs: Sequence[CompletionOutput]) -> dict:
-    """OpenAI's `usage` object for a request whose samples are `outputs` (token ids accumulated)."""
+def usage(prompt_token_ids: Sequence[int], outputs: Sequence[CompletionOutput], cached_tokens: int = 0) -> dict:
+    """OpenAI's `usage` object for a request whose samples are `outputs` (token ids accumulated);
+    `cached_tokens`: prompt tokens served from a KV cache tier instead of computed."""
     completion = sum(len(o.token_ids) for o in outputs)
     return {"prompt_tokens": len(prompt_token_ids), "completion_tokens": completion,
-            "total_tokens": len(prompt_token_ids) + completion}
+            "total_tokens": len(prompt_token_ids) + completion,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}

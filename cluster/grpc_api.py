@@ -114,7 +114,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         completion = sum(len(c.token_ids) for c in output.outputs)
         return pb.GenerateResponse(id=output.request_id, model=self.frontend.model_name,
                                    choices=[_choice(c, params.logprobs) for c in output.outputs],
-                                   usage=_usage(len(ids), completion))
+                                   usage=_usage(len(ids), completion, output.num_cached_tokens))
 
     async def _stream(self, context: grpc.aio.ServicerContext, ids: list[int], params: SamplingParams) -> None:
         completion = 0
@@ -124,7 +124,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 message = pb.GenerateStreamResponse(id=delta.request_id, model=self.frontend.model_name,
                                                     choices=[_choice(c, params.logprobs) for c in delta.outputs])
                 if delta.finished:
-                    message.usage.CopyFrom(_usage(len(ids), completion))
+                    message.usage.CopyFrom(_usage(len(ids), completion, delta.num_cached_tokens))
                 await context.write(message)
 
     # ---- keys and errors ----
@@ -200,9 +200,10 @@ def _position(logprobs: PositionLogprobs, token_id: int, num_top: int) -> pb.Pos
     return pb.PositionLogprobs(sampled=entry(token_id), top=[entry(tid) for tid in ranked[:num_top]])
 
 
-def _usage(num_prompt: int, num_completion: int) -> pb.Usage:
+def _usage(num_prompt: int, num_completion: int, num_cached: int) -> pb.Usage:
     return pb.Usage(prompt_tokens=num_prompt, completion_tokens=num_completion,
-                    total_tokens=num_prompt + num_completion)
+                    total_tokens=num_prompt + num_completion,
+                    prompt_tokens_details=pb.PromptTokensDetails(cached_tokens=num_cached))
 
 
 # ---- the server ----

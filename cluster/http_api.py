@@ -5,7 +5,9 @@
 
 Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/experts` (the expert
 placement, load and balancedness, 404 for a model without expert groups), `POST /v1/experts/rebalance` (plan
-and apply a new placement from the load window now), `GET /health` (200 `{"status": "ok"}` when a request could
+and apply a new placement from the load window now), `GET /v1/memory` (the KV tiers: the memory store's RAM
+and disk, each shard's device pool and host RAM; 404 without a memory store, 503 when it does not answer),
+`GET /health` (200 `{"status": "ok"}` when a request could
 be served now, else 503 whose message names what is missing, e.g. "expert group 0 has no live replica"; always
 within 1 s). With `api_keys`, every `/v1/` route needs `Authorization: Bearer <key>`; `/health` stays open
 for load balancers.
@@ -86,6 +88,7 @@ def build_http_app(frontend: Frontend, *, api_keys: Sequence[str] = (), max_body
     routes = [api.route("/v1/models", "GET", api.models), api.route("/v1/completions", "POST", api.completions),
               api.route("/v1/chat/completions", "POST", api.chat), api.route("/v1/experts", "GET", api.experts),
               api.route("/v1/experts/rebalance", "POST", api.rebalance),
+              api.route("/v1/memory", "GET", api.memory),
               api.route("/health", "GET", api.health, needs_key=False)]
     return Starlette(routes=routes, exception_handlers={HTTPException: _route_error})
 
@@ -140,6 +143,12 @@ class _Api:
         if result is None:
             raise self._no_expert_groups()
         return JSONResponse(result)
+
+    async def memory(self, request: Request) -> Response:
+        info = await self.frontend.memory()
+        if info is None:
+            raise ApiError(404, "this deployment has no memory store (memory.store is not set)", code="not_found")
+        return JSONResponse(info)
 
     async def health(self, request: Request) -> Response:
         reason = await self.frontend.unavailable_reason()  # bounded: answers within 1 s

@@ -127,16 +127,18 @@ class ResponseBuilder:
         self._object = "chat.completion" if request.is_chat else "text_completion"
         self._chunk_object = "chat.completion.chunk" if request.is_chat else "text_completion"
         self._prompt_token_ids: list[int] = []
+        self._cached_tokens = 0
         self._sent: dict[int, CompletionOutput] = {}  # per choice: the text and tokens the client has
 
     def response(self, output: RequestOutput) -> dict:
         """The whole answer, from the merged deltas of a finished request."""
         choices = [self._choice(out, text_offset=0) for out in output.outputs]
-        return self._envelope(self._object, choices, usage=usage(output.prompt_token_ids, output.outputs))
+        return self._envelope(self._object, choices,
+                              usage=usage(output.prompt_token_ids, output.outputs, output.num_cached_tokens))
 
     def chunks(self, delta: RequestOutput) -> list[dict]:
         """The stream chunks of one delta: one per choice that has something new."""
-        self._prompt_token_ids = delta.prompt_token_ids
+        self._prompt_token_ids, self._cached_tokens = delta.prompt_token_ids, delta.num_cached_tokens
         extra = {"usage": None} if self.request.include_usage else {}
         chunks = []
         for out in delta.outputs:
@@ -154,7 +156,8 @@ class ResponseBuilder:
     def usage_chunk(self) -> dict:
         """The last chunk of a stream with `stream_options.include_usage`: no choices, the request's usage."""
         sent = list(self._sent.values())
-        return self._envelope(self._chunk_object, [], usage=usage(self._prompt_token_ids, sent))
+        return self._envelope(self._chunk_object, [],
+                              usage=usage(self._prompt_token_ids, sent, self._cached_tokens))
 
     def _envelope(self, obj: str, choices: list[dict], **extra) -> dict:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model,

@@ -165,6 +165,7 @@ class AsyncLLM:
         """Stop the engine thread; requests still running fail with `EngineDeadError`."""
         self._commands.put(("stop",))
         self._thread.join(timeout)
+        self.llm.engine.close()
 
     # ---- the engine thread ----
 

@@ -16,26 +16,25 @@ bookkeeping; the model runner owns the memory.
 """
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class NoFreeBlocksError(RuntimeError):
     """Raised by `allocate` when asked for more blocks than are free; callers check `num_free` first."""
 
 
-def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """The prefix-cache key of a full block: depends on every token up to and including this block's."""
-    return hash((parent_hash, tuple(token_ids)))
-
-
 class BlockPool:
-    def __init__(self, num_blocks: int):
+    """`on_evict(pairs)` hears of the cached blocks an `allocate` is about to reuse, as (block id, hash) pairs,
+    while their content is still intact: the hierarchical cache copies them down a tier there."""
+
+    def __init__(self, num_blocks: int, on_evict: Callable[[list[tuple[int, bytes]]], None] | None = None):
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
+        self.on_evict = on_evict
         self._refcount = [0] * num_blocks
-        self._hash_of: list[int | None] = [None] * num_blocks
-        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._hash_of: list[bytes | None] = [None] * num_blocks
+        self._cached: dict[bytes, int] = {}  # block hash -> block id
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU: head evicts first
 
     @property
@@ -50,15 +49,18 @@ class BlockPool:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise NoFreeBlocksError(f"asked for {n} KV blocks, {len(self._free)} free")
-        blocks = []
+        blocks, evicted = [], []
         for _ in range(n):
             block_id, _ = self._free.popitem(last=False)
             old = self._hash_of[block_id]
             if old is not None:  # evict: its content is about to be overwritten
                 del self._cached[old]
                 self._hash_of[block_id] = None
+                evicted.append((block_id, old))
             self._refcount[block_id] = 1
             blocks.append(block_id)
+        if evicted and self.on_evict is not None:
+            self.on_evict(evicted)
         return blocks
 
     def free(self, block_ids: Sequence[int]) -> None:
@@ -69,7 +71,7 @@ class BlockPool:
             if self._refcount[block_id] == 0:
                 self._free[block_id] = None
 
-    def lookup(self, block_hash: int) -> int | None:
+    def lookup(self, block_hash: bytes) -> int | None:
         return self._cached.get(block_hash)
 
     def touch(self, block_id: int) -> None:
@@ -78,7 +80,7 @@ class BlockPool:
             del self._free[block_id]
         self._refcount[block_id] += 1
 
-    def cache(self, block_id: int, block_hash: int) -> None:
+    def cache(self, block_id: int, block_hash: bytes) -> None:
         """Record that a full block holds the prefix named `block_hash`. First writer wins on duplicates."""
         if self._hash_of[block_id] is not None or block_hash in self._cached:
             return

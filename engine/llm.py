@@ -7,7 +7,7 @@
 """
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -40,8 +40,10 @@ class LLM:
     def __init__(self, model: str = "tiny", *, tokenizer: str | None = None, dtype: str = "auto",
                  device: str | None = None, max_model_len: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, kv_cache_memory: int | None = None,
-                 enable_prefix_caching: bool = True, experts: ExpertBackend | None = None,
-                 expert_parallel: ExpertParallelConfig | int | None = None, progress: bool = True):
+                 enable_prefix_caching: bool = True, host_kv_cache_memory: int = 0,
+                 kv_write_policy: str = "write-back", memory_store_call: Callable | None = None,
+                 experts: ExpertBackend | None = None, expert_parallel: ExpertParallelConfig | int | None = None,
+                 progress: bool = True):
         self.model_path = resolve_model(model)
         dev, torch_dtype = resolve_device_dtype(device, dtype)
         self.expert_runtime = None
@@ -57,16 +59,19 @@ class LLM:
             self.expert_runtime = start_expert_parallel(str(self.model_path), expert_parallel, dtype, torch_dtype,
                                                         max_num_batched_tokens)
             experts = self.expert_runtime.backend
-        net = load_model(CheckpointReader(self.model_path), torch_dtype, dev, experts=experts, progress=progress)
+        checkpoint = CheckpointReader(self.model_path)
+        net = load_model(checkpoint, torch_dtype, dev, experts=experts, progress=progress)
         self.tokenizer = Tokenizer.load(self.model_path, tokenizer)
         config = EngineConfig(max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
-                              enable_prefix_caching=enable_prefix_caching)
-        self.engine = LLMEngine(net, self.tokenizer, config)
+                              enable_prefix_caching=enable_prefix_caching,
+                              host_kv_cache_memory=host_kv_cache_memory, kv_write_policy=kv_write_policy)
+        self.engine = LLMEngine(net, self.tokenizer, config, checkpoint.identity, memory_store_call)
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
-        """Stop the expert-parallel runtime (router and expert group actors), if any."""
+        """Stop the KV tiers' threads and the expert-parallel runtime (router and expert group actors), if any."""
+        self.engine.close()
         if self.expert_runtime is not None:
             self.expert_runtime.shutdown()
             self.expert_runtime = None

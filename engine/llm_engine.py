@@ -6,6 +6,8 @@ threaded; `AsyncLLM` drives it from a background thread for servers, `LLM` from 
 """
 
 import itertools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +16,7 @@ from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_MEMORY_UTILIZA
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import EngineConfigError, InvalidRequestError, PromptTooLongError
 from engine.kv_cache_manager import KVCacheManager, max_blocks_per_sequence
+from engine.kv_tiers import KVTiers
 from engine.model_runner import ModelRunner, RunnerOutput
 from engine.outputs import CompletionOutput, EngineStats, Logprob, PositionLogprobs, RequestOutput
 from engine.request import Request
@@ -21,6 +24,10 @@ from engine.sampler import Logprobs, SamplingState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.tokenizer import Tokenizer
+from memory.block_hash import BlockKeyspace
+from memory.host_tier import HostTier
+from memory.serialize import dtype_name
+from memory.store_client import StoreClient
 from mistral.model import Transformer
 
 
@@ -60,7 +67,12 @@ class _UserRequest:
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+    """`model_id` names the weights in the KV blocks' keyspace (shards that share a memory store must agree
+    on it); `memory_store_call(method, *args)` calls the shared MemoryStore, built by the actor layer from a
+    handle with its timeout (None: no shared tier)."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 model_id: str = "model", memory_store_call: Callable | None = None):
         param = next(model.parameters())
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.cache_info = _size_cache(model, config, param.dtype, param.device)
@@ -71,10 +83,12 @@ class LLMEngine:
                 f"the KV cache ({self.cache_info.kv_cache_bytes / 2**20:.0f} MiB, {self.cache_info.num_token_slots} "
                 f"tokens) cannot hold one sequence of max_model_len {self.cache_info.max_model_len} "
                 f"({needed * config.block_size} token slots needed): raise kv_cache_memory or lower max_model_len")
-        kv = KVCacheManager(self.cache_info.num_blocks, config.block_size, model.config.sliding_window,
-                            config.enable_prefix_caching)
-        self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache_info.num_blocks, config.block_size, param.dtype, param.device)
+        keyspace = BlockKeyspace(model_id, dtype_name(param.dtype), config.block_size)
+        self.tiers = _make_tiers(self.runner.kv_cache, config, memory_store_call)
+        kv = KVCacheManager(self.cache_info.num_blocks, config.block_size, model.config.sliding_window,
+                            config.enable_prefix_caching, keyspace.root, self.tiers)
+        self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens)
         self._requests: dict[str, _UserRequest] = {}
         self._seq_owner: dict[str, _UserRequest] = {}
         self._arrival = itertools.count()
@@ -117,6 +131,7 @@ class LLMEngine:
             user.samples.append(sample)
             self._seq_owner[seq.request_id] = user
             self.scheduler.add(seq)
+        self.scheduler.kv.prefetch(user.samples[0].seq)  # its siblings wait for it and hit its blocks
         self._requests[request_id] = user
 
     def abort_request(self, request_id: str) -> bool:
@@ -142,7 +157,12 @@ class LLMEngine:
         """The scheduler's and KV cache's load now. Reads counters only, so another thread may call it."""
         scheduler, kv = self.scheduler, self.scheduler.kv
         return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.usage, kv.num_prefix_queries,
-                           kv.num_prefix_hits)
+                           kv.num_prefix_hits, None if self.tiers is None else self.tiers.stats())
+
+    def close(self) -> None:
+        """Stop the KV tiers' threads (the memory store's writer, the loader)."""
+        if self.tiers is not None:
+            self.tiers.close()
 
     # ---- the step ----
 
@@ -150,8 +170,13 @@ class LLMEngine:
         """Advance every scheduled request by one chunk; returns a delta for each request that progressed."""
         batch = self.scheduler.schedule()
         if not batch.chunks:
+            if self.tiers is not None:  # only requests whose KV is on its way: wait for it, do not spin
+                self.tiers.wait_for_load(0.01)
             return []
+        start = time.perf_counter()
         result = self.runner.execute(batch)
+        if self.tiers is not None and batch.num_tokens >= self.config.block_size:  # a prefill: what a load saves
+            self.tiers.observe_compute(batch.num_tokens, time.perf_counter() - start)
         self.scheduler.update(batch)
         return self._apply(batch.chunks, result)
 
@@ -290,3 +315,17 @@ def _size_cache(model: Transformer, config: EngineConfig, dtype: torch.dtype, de
     budget = budget or DEFAULT_CPU_KV_CACHE_BYTES
     per_block = mc.kv_bytes_per_token(torch.finfo(dtype).bits // 8) * config.block_size
     return CacheInfo(max_len, max(budget // per_block, 0), config.block_size, (budget // per_block) * per_block)
+
+
+def _make_tiers(kv_cache: torch.Tensor, config: EngineConfig, store_call: Callable | None) -> KVTiers | None:
+    """The tiers below the device pool, when any is configured (they need prefix caching: blocks are found by
+    their names)."""
+    if not config.enable_prefix_caching or (not config.host_kv_cache_memory and store_call is None):
+        return None
+    num_layers, _, _, num_kv_heads, head_dim = kv_cache.shape
+    block_shape = (num_layers, 2, config.block_size, num_kv_heads, head_dim)
+    # T2's blocks arrive through T1, so a store needs a host tier of at least one prompt's worth of blocks
+    host_bytes = config.host_kv_cache_memory or kv_cache.numel() * kv_cache.element_size()
+    store = None if store_call is None else StoreClient(store_call, block_shape, kv_cache.dtype)
+    return KVTiers(kv_cache, config.block_size, HostTier(host_bytes, pin_memory=kv_cache.is_cuda), store,
+                   config.kv_write_policy)

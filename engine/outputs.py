@@ -58,3 +58,4 @@ class EngineStats:
     kv_cache_usage: float  # share of KV blocks in use, 0..1
     prefix_cache_queries: int
     prefix_cache_hits: int
+    kv_tiers: dict | None = None  # host RAM and memory-store figures (`KVTiers.stats`), when configured

@@ -33,7 +33,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     block_ids: list[int | None] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks
+    block_hashes: list[bytes] = field(default_factory=list)  # names of the leading full blocks
+    is_loading_kv: bool = False  # its prefix is being fetched from the shared memory store: not admitted yet
     num_cached_prefix_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     num_preemptions: int = 0
     first_sibling: "Request | None" = None  # sample 0 of the same user request, for samples 1..n-1

@@ -95,6 +95,8 @@ class Scheduler:
                 break
             if not self._sibling_ready(req):
                 continue  # it will share the first sample's prompt blocks once they are computed
+            if req.is_loading_kv:
+                continue  # its prefix is on its way from the memory store; others run meanwhile
             if req.num_computed_tokens == 0:
                 self.kv.match_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -103,7 +105,7 @@ class Scheduler:
                 self.kv.free(req)  # give back prefix hits; try again when blocks free up
                 break
             if req.num_preemptions == 0:  # a recompute's hits on its own prompt + output are no prompt hits
-                req.num_cached_prefix_tokens = req.num_computed_tokens
+                req.num_cached_prefix_tokens = min(req.num_computed_tokens, req.num_prompt_tokens)
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -53,7 +53,7 @@ def test_the_shard_builds_the_engine_it_is_given_with_the_compute_it_is_told():
         shard = await _shard()
         engine = shard.llm
         assert engine.kwargs == {"model": "tiny", "max_num_seqs": 4, "dtype": "float32", "device": "cpu",
-                                 "experts": None, "progress": False}
+                                 "experts": None, "memory_store_call": None, "progress": False}
         outs = await shard.generate([[3, 4], [7]], SamplingParams(max_tokens=2))
         assert [o.outputs[0].token_ids for o in outs] == [[3, 4], [7]]
         deltas = [d async for d in shard.stream([5, 6], SamplingParams(), "r1")]

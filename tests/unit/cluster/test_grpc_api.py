@@ -364,3 +364,14 @@ def test_msem_client_errors_exit_2(serve, capsys):
         assert cli.main(["client", "generate", "--target", target, "--prompt", "Hi", *args]) == 2
         out, err = capsys.readouterr()
         assert err.startswith(message) and "Traceback" not in err and out == ""
+
+
+def test_usage_reports_the_prompt_tokens_served_from_the_cache(serve):
+    prompt = "A gRPC client's system prompt, sent word for word with every question it asks of this server. " * 2
+    with InferenceClient(serve()) as client:
+        first = client.generate(prompt, **GREEDY).usage
+        again = client.generate(prompt, **GREEDY).usage
+        streamed = list(client.generate_stream(prompt, **GREEDY))[-1].usage
+    full_blocks = (first.prompt_tokens - 1) // 16 * 16  # block size 16; the last token is always computed
+    assert first.prompt_tokens_details.cached_tokens == 0 and full_blocks > 0
+    assert again.prompt_tokens_details.cached_tokens == streamed.prompt_tokens_details.cached_tokens == full_blocks

@@ -387,3 +387,15 @@ def test_64_concurrent_requests(base):
 
     for out in asyncio.run(main()):
         assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 8
+
+
+def test_usage_reports_the_prompt_tokens_served_from_the_cache(client):
+    prompt = "A system prompt that every user of this server sends, word for word, before their question. " * 2
+    first = client.completions.create(prompt=prompt, max_tokens=2, **GREEDY)
+    again = client.completions.create(prompt=prompt, max_tokens=2, **GREEDY)
+    streamed = list(client.completions.create(prompt=prompt, max_tokens=2, stream=True,
+                                              stream_options={"include_usage": True}, **GREEDY))[-1]
+    full_blocks = (first.usage.prompt_tokens - 1) // 16 * 16  # block size 16; the last token is always computed
+    assert first.usage.prompt_tokens_details.cached_tokens == 0 and full_blocks > 0
+    assert again.usage.prompt_tokens_details.cached_tokens == full_blocks
+    assert streamed.usage.prompt_tokens_details.cached_tokens == full_blocks

@@ -203,6 +203,26 @@ def test_engine_metrics_publish_gauges_and_counter_deltas(recorded):
     assert recorded["vllm_prefix_cache_hits"].get(**tags) == 32
 
 
+def test_kv_tier_figures_become_gauges_and_counter_deltas(recorded):
+    def stats(used: int, loaded: int, store_in: int) -> EngineStats:
+        tiers = {"host": {"used_bytes": used, "bytes_in": 2 * used, "bytes_out": 0},
+                 "store": {"bytes_in": store_in, "bytes_out": 5}, "loaded_blocks": {"host": loaded, "store": 1}}
+        return EngineStats(0, 0, 0.0, 0, 0, tiers)
+
+    engine = metrics.EngineMetrics("tiny", "shard-1")
+    engine.publish(stats(100, 3, 40))
+    engine.publish(stats(300, 4, 40))
+    tags = {"model_name": "tiny", "engine": "shard-1"}
+    assert recorded["msem_kv_tier_used_bytes"].get(**tags, tier="host") == 300
+    assert recorded["msem_kv_tier_loaded_blocks"].get(**tags, tier="host") == 4  # cumulative: 3, then +1
+    assert recorded["msem_kv_tier_bytes"].get(**tags, tier="host", direction="in") == 600
+    # the store client counts from the shard's side: what it received came out of the store
+    assert recorded["msem_kv_tier_bytes"].get(**tags, tier="store", direction="out") == 40
+    assert recorded["msem_kv_tier_bytes"].get(**tags, tier="store", direction="in") == 5
+    metrics.MemoryStoreMetrics("tiny").publish({"ram": {"used_bytes": 7}, "disk": None})
+    assert recorded["msem_kv_tier_used_bytes"].get(model_name="tiny", engine="MemoryStore", tier="store_ram") == 7
+
+
 def test_busy_clock_counts_overlapping_calls_once():
     clock = metrics.BusyClock()
     work = clock.timed(lambda: time.sleep(0.2))

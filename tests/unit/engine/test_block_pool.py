@@ -1,8 +1,13 @@
-"""BlockPool: reference counts, the LRU free queue, prefix-cache index and the chained block hash."""
+"""BlockPool: reference counts, the LRU free queue, the prefix-cache index and eviction notices."""
 
 import pytest
 
-from engine.block_pool import BlockPool, NoFreeBlocksError, hash_block
+from engine.block_pool import BlockPool, NoFreeBlocksError
+from memory.block_hash import hash_block as chained
+
+
+def hash_block(parent, tokens):
+    return chained(parent, tokens, b"test")
 
 
 def test_rejects_an_empty_pool():
@@ -145,12 +150,13 @@ def test_cache_first_writer_wins():
     assert pool.lookup(hash_block(None, [3, 4])) == c and pool.num_cached == 2
 
 
-# --- hash_block -----------------------------------------------------------------------------------------
-
-def test_hash_block_chains_over_the_parent():
-    root_a = hash_block(None, [1, 2, 3, 4])
-    root_b = hash_block(None, [9, 9, 9, 9])
-    assert hash_block(root_a, [5, 6, 7, 8]) != hash_block(root_b, [5, 6, 7, 8])
-    assert hash_block(root_a, [5, 6, 7, 8]) != hash_block(None, [5, 6, 7, 8])
-    assert hash_block(root_a, [5, 6, 7, 8]) == hash_block(hash_block(None, (1, 2, 3, 4)), (5, 6, 7, 8))
-    assert hash_block(None, [1, 2, 3, 4]) != hash_block(None, [1, 2, 4, 3])
+def test_allocate_tells_of_the_cached_blocks_it_reuses_before_handing_them_out():
+    evicted = []
+    pool = BlockPool(3, on_evict=evicted.extend)
+    a, b, c = pool.allocate(3)
+    pool.cache(a, hash_block(None, [1]))
+    pool.cache(b, hash_block(None, [2]))
+    pool.free([c, b, a])  # c is uncached: reusing it evicts nothing
+    assert pool.allocate(1) == [c] and evicted == []
+    assert pool.allocate(2) == [b, a]
+    assert evicted == [(b, hash_block(None, [2])), (a, hash_block(None, [1]))] and pool.num_cached == 0

@@ -1,0 +1,144 @@
+"""The device block pool's (T0) link to the tiers below it: this shard's host RAM (T1) and the shared
+MemoryStore (T2).
+
+Design note (after SGLang's HiCache and vLLM's KV connector). Blocks move down when they would otherwise be
+lost and up when a request can use them:
+
+* down: a cached block the pool is about to reuse (`BlockPool.on_evict`) is copied to T1 first, while its
+  content is intact, so a preempted request or a returning chat finds it there instead of recomputing it.
+  With T2, blocks reach the shared store by the write policy: "write-through" and "hit-twice" offer each
+  block when it is computed (the store keeps only twice-offered blocks under "hit-twice"), so other shards
+  can reuse it at once; "write-back" offers a block only when T1 evicts it.
+* up, T1: at admission the prefix chain continues past the pool's hits into T1; those blocks are copied
+  into fresh pool blocks (a host-to-device copy), synchronously: it is cheap and bounded by the prompt.
+* up, T2: when a request arrives, a loader thread asks the store for the chain's blocks past T0 and T1 and
+  puts them in T1; the request waits (`Request.is_loading_kv`) while other requests keep stepping, then is
+  admitted through the T1 path above. A store that is down or slow costs a miss (see `StoreClient`).
+
+Every read is decided by `FetchCost`: a tier is used only when loading the blocks is measured to be faster
+than recomputing their tokens.
+
+Legend: L layers, B block_size, g kv heads, d head_dim; a block is [L, 2, B, g, d].
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from memory.fetch_cost import FetchCost
+from memory.host_tier import HostTier
+from memory.store_client import StoreClient
+from memory.tiered_store import WritePolicy
+
+logger = logging.getLogger(__name__)
+
+
+class KVTiers:
+    def __init__(self, kv_cache: torch.Tensor, block_size: int, host: HostTier,
+                 store: StoreClient | None = None, write_policy: WritePolicy = "write-back"):
+        self.kv_cache = kv_cache  # [L, 2, S, g, d], S = num_blocks * B
+        self.block_size = block_size
+        self.host, self.store, self.write_policy = host, store, write_policy
+        self.cost = FetchCost(block_size)
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="msem-kv-loader") if store is not None else None
+        self.num_loaded = {"host": 0, "store": 0}  # blocks brought up per tier, since start
+        self._loaded = threading.Event()
+
+    def block(self, block_id: int) -> torch.Tensor:
+        """A view of one pool block: [L, 2, B, g, d]."""
+        return self.kv_cache[:, :, block_id * self.block_size:(block_id + 1) * self.block_size]
+
+    # ---- down ----
+
+    def computed(self, pairs: Sequence[tuple[int, bytes]]) -> None:
+        """Blocks that just became full and cached in the pool."""
+        if self.store is not None and self.write_policy != "write-back":
+            self.store.offer([(h, self.block(b).to("cpu", copy=True)) for b, h in pairs])
+
+    def evicted(self, pairs: Sequence[tuple[int, bytes]]) -> None:
+        """Cached pool blocks about to be overwritten: copy them to T1; T1's own evictions go on to T2."""
+        for block_id, block_hash in pairs:
+            spilled = self.host.put(block_hash, self.block(block_id))
+            if self.store is not None and self.write_policy == "write-back":
+                self.store.offer(spilled)
+
+    # ---- up ----
+
+    def take_from_host(self, hashes: Sequence[bytes]) -> list[torch.Tensor]:
+        """The leading blocks of `hashes` found in T1, if loading them beats recomputing (else none)."""
+        blocks = []
+        for block_hash in hashes:
+            if block_hash not in self.host:
+                break
+            blocks.append(block_hash)
+        if not self.cost.blocks_worth_fetching("host", len(blocks)):
+            return []
+        found = []
+        for block_hash in blocks:
+            block = self.host.get(block_hash)
+            if block is None:  # evicted between the check and now
+                break
+            found.append(block)
+        return found
+
+    def load(self, block_ids: Sequence[int], blocks: Sequence[torch.Tensor]) -> None:
+        """Copy blocks from T1 into pool blocks, timing the copy for `FetchCost`."""
+        start = time.perf_counter()
+        for block_id, block in zip(block_ids, blocks):
+            self.block(block_id).copy_(block, non_blocking=self.host.is_pinned)
+        if self.kv_cache.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        self.cost.observe_fetch("host", len(blocks), time.perf_counter() - start)
+        self.num_loaded["host"] += len(blocks)
+
+    def prefetch(self, req, hashes: Sequence[bytes]) -> None:
+        """Bring the chain's blocks that T0 and T1 lack from T2 into T1 on the loader thread; the request waits
+        (`req.is_loading_kv`) until that ends, however it ends."""
+        if self._loader is None or not hashes or not self.store.available:
+            return
+        req.is_loading_kv = True
+        self._loader.submit(self._fetch, req, list(hashes))
+
+    def _fetch(self, req, hashes: list[bytes]) -> None:
+        try:
+            while hashes and hashes[0] in self.host:  # an earlier load (of a request with this prefix) got it
+                hashes = hashes[1:]
+            if not hashes:
+                return
+            start = time.perf_counter()
+            present = self.store.lookup(hashes)
+            wanted = self.cost.blocks_worth_fetching("store", present)
+            if wanted:
+                blocks = self.store.get(hashes[:wanted])
+                self.cost.observe_fetch("store", len(blocks), time.perf_counter() - start)
+                for block_hash, block in zip(hashes, blocks):
+                    self.host.put(block_hash, block)
+                self.num_loaded["store"] += len(blocks)
+        except Exception:  # never leave a request waiting on a failed load: it recomputes
+            logger.exception("loading KV blocks from the memory store failed; recomputing them")
+        finally:
+            req.is_loading_kv = False
+            self._loaded.set()
+
+    def wait_for_load(self, timeout_s: float) -> None:
+        """Block until a load ends or `timeout_s` passes (the engine has nothing else to run)."""
+        self._loaded.wait(timeout_s)
+        self._loaded.clear()
+
+    def observe_compute(self, num_tokens: int, seconds: float) -> None:
+        self.cost.observe_compute(num_tokens, seconds)
+
+    def stats(self) -> dict:
+        return {"host": self.host.stats(), "store": None if self.store is None else self.store.stats(),
+                "loaded_blocks": dict(self.num_loaded), "write_policy": self.write_policy,
+                "cost": self.cost.describe()}
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._loader.shutdown(wait=False, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()

@@ -1,0 +1,107 @@
+"""The host-RAM tier (T1) under the device pool: every path gives the output of an engine without it."""
+
+import pytest
+import torch
+
+from engine import SamplingParams
+from memory.block_hash import hash_block
+from tests.conftest import small_llm
+from tests.unit.engine.test_engine_equivalence import prompts
+
+BLOCK_BYTES = 512 * 16  # 2 layers * k/v * 2 kv heads * 16 dims * 4 bytes per token, 16 tokens a block
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0)
+SEEDED = SamplingParams(max_tokens=16, temperature=0.9, seed=7, ignore_eos=True, logprobs=0)
+SHARED = prompts(1, seed=11, lo=64, hi=64)[0]  # four full blocks
+
+
+def tiered(path, host_blocks: int = 64, pool_blocks: int = 12, **kw):
+    return small_llm(path, kv_cache_memory=BLOCK_BYTES * pool_blocks, max_model_len=128,
+                     host_kv_cache_memory=BLOCK_BYTES * host_blocks, **kw)
+
+
+def evict_device_pool(llm) -> None:
+    """Fill the pool with other prompts until none of SHARED's blocks is left in it."""
+    llm.generate(prompt_token_ids=prompts(3, seed=12, lo=100, hi=100), sampling_params=GREEDY)
+    kv, parent = llm.engine.scheduler.kv, None
+    for i in range(len(SHARED) // 16):
+        parent = hash_block(parent, SHARED[i * 16:(i + 1) * 16], kv.keyspace_root)
+        assert kv.pool.lookup(parent) is None
+
+
+def same(got, want) -> None:
+    for a, b in zip(got, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        lp = [[p[t].logprob for p, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in (a, b)]
+        assert torch.allclose(torch.tensor(lp[0]), torch.tensor(lp[1]), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def cold(mixtral_full_dir):
+    return small_llm(mixtral_full_dir, enable_prefix_caching=False)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_blocks_evicted_from_the_pool_are_reloaded_from_host_ram(mixtral_full_dir, cold, params):
+    llm = tiered(mixtral_full_dir)
+    batch = [SHARED + [7, 8, 9], SHARED + [10]]
+    want = cold.generate(prompt_token_ids=batch, sampling_params=params)
+    llm.generate(prompt_token_ids=[SHARED + [5]], sampling_params=GREEDY)
+    evict_device_pool(llm)
+    got = llm.generate(prompt_token_ids=batch, sampling_params=params)
+    assert [o.num_cached_tokens for o in got] == [64, 64]
+    assert llm.engine.tiers.num_loaded["host"] >= 4
+    same(got, want)
+
+
+def test_a_miss_and_a_partial_hit_match_the_engine_without_tiers(mixtral_full_dir, cold):
+    llm = tiered(mixtral_full_dir, host_blocks=64)
+    llm.generate(prompt_token_ids=[SHARED[:32] + [5]], sampling_params=GREEDY)  # two blocks of SHARED
+    evict_device_pool(llm)
+    batch = [SHARED + [7], prompts(1, seed=13, lo=40, hi=40)[0]]
+    got = llm.generate(prompt_token_ids=batch, sampling_params=GREEDY)
+    assert [o.num_cached_tokens for o in got] == [32, 0]  # partial hit from host RAM; a miss
+    same(got, cold.generate(prompt_token_ids=batch, sampling_params=GREEDY))
+
+
+def test_a_host_tier_smaller_than_the_evictions_keeps_its_limit_and_its_answers(mixtral_full_dir, cold):
+    llm = tiered(mixtral_full_dir, host_blocks=3)
+    batch = prompts(6, seed=14, lo=60, hi=90)
+    for _ in range(2):
+        same(llm.generate(prompt_token_ids=batch, sampling_params=GREEDY),
+             cold.generate(prompt_token_ids=batch, sampling_params=GREEDY))
+    host = llm.engine.tiers.host.stats()
+    assert host["evictions"] > 0 and host["used_bytes"] <= 3 * BLOCK_BYTES
+
+
+def test_a_preempted_request_resumes_from_host_ram(mixtral_dir):
+    batch = prompts(6, seed=5, lo=20, hi=40)
+    params = [SamplingParams(max_tokens=48, temperature=0.8, seed=i, ignore_eos=True) for i in range(6)]
+    expected = small_llm(mixtral_dir).generate(prompt_token_ids=batch, sampling_params=params)
+    small = small_llm(mixtral_dir, kv_cache_memory=512 * 176, max_model_len=128,
+                      host_kv_cache_memory=1 << 20)  # as test_engine_equivalence's preemption test, plus T1
+    got = small.generate(prompt_token_ids=batch, sampling_params=params)
+    assert small.engine.stats().num_requests_waiting == 0
+    assert small.engine.tiers.num_loaded["host"] > 0, "a preempted request was meant to reload its blocks"
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_with_a_sliding_window_only_the_window_is_loaded(mixtral_dir):
+    """Window 24: after a 64-token prefix only the last block (and the one before it) can be seen."""
+    want = small_llm(mixtral_dir, enable_prefix_caching=False)
+    llm = tiered(mixtral_dir)
+    llm.generate(prompt_token_ids=[SHARED + [5]], sampling_params=GREEDY)
+    evict_device_pool(llm)
+    got = llm.generate(prompt_token_ids=[SHARED + [7, 8]], sampling_params=GREEDY)
+    assert got[0].num_cached_tokens == 64 and llm.engine.tiers.num_loaded["host"] == 2
+    same(got, want.generate(prompt_token_ids=[SHARED + [7, 8]], sampling_params=GREEDY))
+
+
+def test_a_tier_slower_than_recomputing_is_not_read(mixtral_full_dir):
+    llm = tiered(mixtral_full_dir)
+    llm.generate(prompt_token_ids=[SHARED + [5]], sampling_params=GREEDY)
+    evict_device_pool(llm)
+    cost = llm.engine.tiers.cost
+    for n in (1, 4):
+        cost.observe_fetch("host", n, 10.0 * n)  # measured: 10 s a block
+    got = llm.generate(prompt_token_ids=[SHARED + [7]], sampling_params=GREEDY)
+    assert got[0].num_cached_tokens == 0 and llm.engine.tiers.num_loaded["host"] == 0
