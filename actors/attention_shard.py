@@ -38,6 +38,7 @@ from router_service.remote_experts import RemoteExperts, RouterClient
 
 logger = logging.getLogger(__name__)
 METRICS_S = 1.0
+ROUTING_BLOCKS = 16_384  # block names a shard reports for KV-aware routing (32 bytes each: 512 KiB at most)
 RAY_NAMESPACE = "msem"  # where the `ray` transport finds group replicas by actor name
 
 
@@ -165,6 +166,11 @@ class AttentionShard:
                 out = merge(out, delta)
             return out
         return list(await asyncio.gather(*(one(ids) for ids in prompt_token_ids)))
+
+    def record_routing_stats(self) -> dict:
+        """Serve asks every `attention.routing.stats_period_s`; its routers (in each Ingress replica) get the
+        answer: the names of the blocks this shard could serve a prefix from, for KV-aware routing."""
+        return {"kv_blocks": self.llm.cached_block_names(ROUTING_BLOCKS)}
 
     def healthy(self) -> bool:
         return self.llm.dead is None

@@ -34,19 +34,24 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from actors.attention_shard import AttentionShard, ExpertLink
-from actors.compute import compute_for
+from actors.compute import Compute, compute_for
 from actors.expert_group_server import ExpertGroupServer
 from actors.memory_store import MemoryStore
 from actors.router import Router
 from cluster.autoscaling import RoutedTokensPolicy
-from cluster.config import Autoscaling, ExpertGroupsConfig, HealthCheck, Replicas, ServeConfig, parse_config
+from cluster.config import (Autoscaling, ExpertGroupsConfig, HealthCheck, Replicas, RoutingConfig, ServeConfig,
+                            parse_config)
 from cluster.errors import OverloadedError, ShardLost
 from cluster.frontend import Frontend, ShardRequest
+from cluster.kv_routing import KVAwareRouter
 from engine.async_llm import AsyncLLM
+from engine.config import EngineConfig
 from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput
 from engine.tokenizer import Tokenizer
 from experts import eplb
+from memory.block_hash import BlockKeyspace
+from memory.serialize import dtype_name
 from experts.parallel_config import LAYER_PATH_ENV
 from experts.placement import Placement, PlacementError, make_placement
 from mistral.checkpoint import CheckpointReader
@@ -58,6 +63,7 @@ logger = logging.getLogger(__name__)
 APP_NAME = "msem"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 RETRY_AFTER_S = 1
+BLOCK_SIZE = EngineConfig.block_size  # the shards' KV block size (the engine's default)
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -150,6 +156,7 @@ def build_app(config: ServeConfig) -> serve.Application:
         ).bind(ms.ram_bytes, ms.directory, ms.disk_bytes, memory.write_policy, config.model_name)
     shard = AttentionShardDeployment.options(
         **_shard_scaling(config), **_health_options(attention.health_check),
+        **_routing_options(attention.routing, model_dir, compute_for(config.dtype, shard_gpus)),
         ray_actor_options={"num_cpus": attention.num_cpus, "num_gpus": shard_gpus, "resources": attention.resources,
                            **({"runtime_env": {"env_vars": LAYER_PATH_ENV}} if placement is not None else {})},
     ).bind(AsyncLLM, engine_kwargs, compute_for(config.dtype, shard_gpus), router, link,
@@ -243,6 +250,19 @@ def _scaling(bounds: Replicas, max_ongoing: int, target_tokens_per_s: float | No
         autoscaling["policy"] = {"policy_function": f"{RoutedTokensPolicy.__module__}:RoutedTokensPolicy",
                                  "policy_kwargs": {"target_tokens_per_s": target_tokens_per_s}}
     return {**options, "autoscaling_config": autoscaling}
+
+
+def _routing_options(routing: RoutingConfig, model_dir: Path, compute: Compute) -> dict:
+    """The AttentionShard deployment's request router: `KVAwareRouter`, naming blocks as the shards' engines do
+    (same weights, dtype and block size), or Serve's default."""
+    if routing.policy == "power-of-two":
+        return {}
+    keyspace = BlockKeyspace(CheckpointReader(model_dir).identity, dtype_name(compute.torch_dtype), BLOCK_SIZE)
+    kwargs = {**routing.model_dump(exclude={"policy", "stats_period_s"}), "keyspace_root": keyspace.root.hex(),
+              "block_size": BLOCK_SIZE}
+    return {"request_router_config": {"request_router_class": f"{KVAwareRouter.__module__}:KVAwareRouter",
+                                      "request_router_kwargs": kwargs,
+                                      "request_routing_stats_period_s": routing.stats_period_s}}
 
 
 def _shard_scaling(config: ServeConfig) -> dict:

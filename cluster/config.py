@@ -69,6 +69,18 @@ class HealthCheck(_Strict):
 GROUP_HEALTH_CHECK = HealthCheck(period_s=1.0)
 
 
+class RoutingConfig(_Strict):
+    """How the Ingress picks an attention shard per request (`cluster/kv_routing.py`)."""
+
+    # "kv-aware": the shard that was sent the request's longest prefix, unless it is busier than the least busy
+    # by more than max_imbalance requests; "power-of-two": Serve's default (two at random, the less busy)
+    policy: Literal["kv-aware", "power-of-two"] = "kv-aware"
+    max_imbalance: int = Field(4, ge=0)
+    index_blocks: int = Field(65_536, ge=1)  # prefix blocks each Ingress replica remembers (LRU)
+    max_prefix_blocks: int = Field(256, ge=1)  # the longest prefix, in 16-token blocks, that is looked at
+    stats_period_s: float = Field(2.0, gt=0)  # how often each shard reports the blocks it holds
+
+
 class AttentionConfig(_Strict):
     """The AttentionShard deployment: each replica owns requests, KV cache and the attention layers."""
 
@@ -82,6 +94,7 @@ class AttentionConfig(_Strict):
     kv_cache_memory: int | None = Field(None, ge=1)  # bytes; engine default when None
     target_ongoing_requests: float = Field(16.0, gt=0)  # autoscaling target per replica
     health_check: HealthCheck = HealthCheck()
+    routing: RoutingConfig = RoutingConfig()
 
 
 class RebalanceConfig(_Strict):

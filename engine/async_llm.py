@@ -161,6 +161,10 @@ class AsyncLLM:
         """The engine's load now (safe from any thread: it reads counters only)."""
         return self.llm.engine.stats()
 
+    def cached_block_names(self, limit: int) -> list[bytes]:
+        """See `LLMEngine.cached_block_names` (safe from any thread)."""
+        return self.llm.engine.cached_block_names(limit)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; requests still running fail with `EngineDeadError`."""
         self._commands.put(("stop",))

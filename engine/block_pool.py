@@ -15,6 +15,7 @@ cached block it reuses, so recently freed prefixes survive longest. No tensors h
 bookkeeping; the model runner owns the memory.
 """
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -70,6 +71,10 @@ class BlockPool:
             self._refcount[block_id] -= 1
             if self._refcount[block_id] == 0:
                 self._free[block_id] = None
+
+    def cached_hashes(self, limit: int) -> list[bytes]:
+        """The names of up to `limit` cached blocks, most recently cached first."""
+        return list(itertools.islice(reversed(self._cached), limit))
 
     def lookup(self, block_hash: bytes) -> int | None:
         return self._cached.get(block_hash)

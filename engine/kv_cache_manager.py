@@ -8,10 +8,10 @@ ceil((window - 1) / block_size) + 1 blocks plus those of the chunk being compute
 
 Prefix caching: every full block gets a sha256 name chained over all tokens up to its end
 (`memory.block_hash`); on admission the longest run of leading blocks whose names are cached is taken instead
-of recomputed: first from the pool, then (with `tiers`) from host RAM, where blocks the pool evicted went. At
-least one token is always left to compute, because the step that computes it produces the logits to sample
-from. With a sliding window, blocks loaded from host RAM that the request can no longer see are not loaded
-at all: only the window becomes resident.
+of recomputed: from the pool and (with `tiers`) from host RAM, where blocks the pool evicted went. At least
+one token is always left to compute, because the step that computes it produces the logits to sample from.
+With a sliding window only the blocks the next query can see need to be at hand: a prefix whose early blocks
+are gone everywhere still hits, and only its window becomes resident.
 """
 
 from engine.block_pool import BlockPool
@@ -37,21 +37,46 @@ class KVCacheManager:
         return 1.0 - self.pool.num_free / self.pool.num_blocks
 
     def match_prefix(self, req: Request) -> int:
-        """Take cached blocks for the request's longest cached prefix; returns the tokens they cover."""
+        """Take cached blocks for the request's longest cached prefix; returns the tokens they cover.
+
+        A prefix of n blocks is usable when the blocks its next query can see are all at hand, in the pool or
+        in host RAM: all n without a sliding window, the last few with one (`_first_visible`). Host blocks are
+        copied into fresh pool blocks, when `FetchCost` says that beats recomputing them and the pool has room
+        beyond one block for the rest of the prompt.
+        """
         assert req.num_computed_tokens == 0 and not req.block_ids
         if not self.enable_prefix_caching or req.wants_prompt_logprobs:
             return 0
         hashes = self.prefix_hashes(req)
-        for block_hash in hashes:
-            block_id = self.pool.lookup(block_hash)
-            if block_id is None:
+        pool_ids = [self.pool.lookup(h) for h in hashes]
+        host = self.tiers.host_blocks(hashes, pool_ids) if self.tiers is not None else {}
+        while True:  # each round drops host blocks, so it ends
+            n = self._longest_match(len(hashes), lambda i: pool_ids[i] is not None or i in host)
+            first = self._first_visible(n)
+            loads = [i for i in range(first, n) if pool_ids[i] is None]
+            if not loads:
                 break
-            self.pool.touch(block_id)
+            if not self.tiers.worth_loading(len(loads)):
+                host = {}
+                continue
+            reused = sum(1 for i in range(first, n) if pool_ids[i] is not None and self.pool.refcount(pool_ids[i]) == 0)
+            room = self.pool.num_free - reused - 1
+            if len(loads) <= room:
+                break
+            host = {i: b for i, b in host.items() if i < loads[max(room, 0)]}
+        for i in range(first, n):  # take the pool's blocks before allocating, so no allocation evicts them
+            if pool_ids[i] is not None:
+                self.pool.touch(pool_ids[i])
+        fresh = dict(zip(loads, self.pool.allocate(len(loads))))  # evictions go down to host RAM first
+        if fresh:
+            self.tiers.load(list(fresh.values()), [host[i] for i in fresh])
+        for i in range(n):
+            block_id = None if i < first else fresh.get(i, pool_ids[i])
+            if i in fresh:
+                self.pool.cache(block_id, hashes[i])
             req.block_ids.append(block_id)
-            req.block_hashes.append(block_hash)
-        if self.tiers is not None:
-            self._load_from_host(req, hashes[len(req.block_hashes):])
-        req.num_computed_tokens = len(req.block_hashes) * self.block_size
+            req.block_hashes.append(hashes[i])
+        req.num_computed_tokens = n * self.block_size
         self.num_prefix_queries += req.num_tokens
         self.num_prefix_hits += req.num_computed_tokens
         return req.num_computed_tokens
@@ -66,34 +91,28 @@ class KVCacheManager:
 
     def prefetch(self, req: Request) -> None:
         """Ask the shared store, off the engine thread, for the blocks of `req` that neither the pool nor host
-        RAM holds; the scheduler admits `req` once that is done."""
+        RAM holds (those its next query would see); the scheduler admits `req` once that is done."""
         if self.tiers is None or self.tiers.store is None or req.wants_prompt_logprobs:
             return
         hashes = self.prefix_hashes(req)
-        held = 0
-        while held < len(hashes) and (self.pool.lookup(hashes[held]) is not None or hashes[held] in self.tiers.host):
-            held += 1
-        self.tiers.prefetch(req, hashes[held:])
+        missing = [h for h in hashes[self._first_visible(len(hashes)):]
+                   if self.pool.lookup(h) is None and not self.tiers.host_has(h)]
+        self.tiers.prefetch(req, missing)
 
-    def _load_from_host(self, req: Request, hashes: list[bytes]) -> None:
-        blocks = self.tiers.take_from_host(hashes)
-        # leave room in the pool for the rest of the prompt's first chunk: a load never starves admission
-        blocks = blocks[:max(0, self.pool.num_free - 1)]
-        if not blocks:
-            return
-        first = len(req.block_ids)
-        visible_from = 0 if self.sliding_window is None else \
-            max(0, (first + len(blocks)) * self.block_size - self.sliding_window + 1) // self.block_size
-        resident = [(i, blk) for i, blk in enumerate(blocks, start=first) if i >= visible_from]
-        block_ids = self.pool.allocate(len(resident))  # may evict others down to host RAM first
-        self.tiers.load(block_ids, [blk for _, blk in resident])
-        by_index = dict(zip((i for i, _ in resident), block_ids))
-        for i, block_hash in enumerate(hashes[:len(blocks)], start=first):
-            block_id = by_index.get(i)
-            req.block_ids.append(block_id)
-            req.block_hashes.append(block_hash)
-            if block_id is not None:
-                self.pool.cache(block_id, block_hash)
+    def _first_visible(self, num_blocks: int) -> int:
+        """The first of `num_blocks` leading blocks that the query after them can see (the window's start)."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, num_blocks * self.block_size - self.sliding_window + 1) // self.block_size
+
+    def _longest_match(self, n: int, present) -> int:
+        """The most leading blocks, at most `n`, whose visible part is all `present`."""
+        while n > 0:
+            missing = next((i for i in range(n - 1, self._first_visible(n) - 1, -1) if not present(i)), None)
+            if missing is None:
+                return n
+            n = missing
+        return 0
 
     def release_out_of_window(self, req: Request) -> None:
         """Free blocks that no query from position `num_computed_tokens` on can attend to."""

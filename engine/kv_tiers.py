@@ -9,7 +9,7 @@ lost and up when a request can use them:
   With T2, blocks reach the shared store by the write policy: "write-through" and "hit-twice" offer each
   block when it is computed (the store keeps only twice-offered blocks under "hit-twice"), so other shards
   can reuse it at once; "write-back" offers a block only when T1 evicts it.
-* up, T1: at admission the prefix chain continues past the pool's hits into T1; those blocks are copied
+* up, T1: at admission the prefix may use T1's blocks where the pool lacks them; those blocks are copied
   into fresh pool blocks (a host-to-device copy), synchronously: it is cheap and bounded by the prompt.
 * up, T2: when a request arrives, a loader thread asks the store for the chain's blocks past T0 and T1 and
   puts them in T1; the request waits (`Request.is_loading_kv`) while other requests keep stepping, then is
@@ -68,25 +68,25 @@ class KVTiers:
 
     # ---- up ----
 
-    def take_from_host(self, hashes: Sequence[bytes]) -> list[torch.Tensor]:
-        """The leading blocks of `hashes` found in T1, if loading them beats recomputing (else none)."""
-        blocks = []
-        for block_hash in hashes:
-            if block_hash not in self.host:
-                break
-            blocks.append(block_hash)
-        if not self.cost.blocks_worth_fetching("host", len(blocks)):
-            return []
-        found = []
-        for block_hash in blocks:
-            block = self.host.get(block_hash)
-            if block is None:  # evicted between the check and now
-                break
-            found.append(block)
+    def host_has(self, block_hash: bytes) -> bool:
+        return block_hash in self.host
+
+    def host_blocks(self, hashes: Sequence[bytes], pool_ids: Sequence[int | None]) -> dict[int, torch.Tensor]:
+        """index -> block, for the blocks of `hashes` not in the pool (`pool_ids[i]` None) that T1 holds. The
+        blocks are taken now: a loader thread may evict them from T1 before they are copied in."""
+        found = {}
+        for i, (block_hash, pool_id) in enumerate(zip(hashes, pool_ids)):
+            if pool_id is None and block_hash in self.host:
+                block = self.host.get(block_hash)
+                if block is not None:
+                    found[i] = block
         return found
 
+    def worth_loading(self, num_blocks: int) -> bool:
+        return self.cost.blocks_worth_fetching("host", num_blocks) > 0
+
     def load(self, block_ids: Sequence[int], blocks: Sequence[torch.Tensor]) -> None:
-        """Copy blocks from T1 into pool blocks, timing the copy for `FetchCost`."""
+        """Copy blocks taken from T1 (`host_blocks`) into pool blocks, timing the copy for `FetchCost`."""
         start = time.perf_counter()
         for block_id, block in zip(block_ids, blocks):
             self.block(block_id).copy_(block, non_blocking=self.host.is_pinned)
@@ -96,8 +96,9 @@ class KVTiers:
         self.num_loaded["host"] += len(blocks)
 
     def prefetch(self, req, hashes: Sequence[bytes]) -> None:
-        """Bring the chain's blocks that T0 and T1 lack from T2 into T1 on the loader thread; the request waits
-        (`req.is_loading_kv`) until that ends, however it ends."""
+        """Bring `hashes` (blocks the request could use that T0 and T1 lack, in order) from T2 into T1 on the
+        loader thread; the store returns the leading ones it has. The request waits (`req.is_loading_kv`) until
+        that ends, however it ends."""
         if self._loader is None or not hashes or not self.store.available:
             return
         req.is_loading_kv = True
@@ -105,8 +106,7 @@ class KVTiers:
 
     def _fetch(self, req, hashes: list[bytes]) -> None:
         try:
-            while hashes and hashes[0] in self.host:  # an earlier load (of a request with this prefix) got it
-                hashes = hashes[1:]
+            hashes = [h for h in hashes if h not in self.host]  # an earlier load (same prefix) got them
             if not hashes:
                 return
             start = time.perf_counter()

@@ -85,7 +85,7 @@ class LLMEngine:
                 f"({needed * config.block_size} token slots needed): raise kv_cache_memory or lower max_model_len")
         self.runner = ModelRunner(model, self.cache_info.num_blocks, config.block_size, param.dtype, param.device)
         keyspace = BlockKeyspace(model_id, dtype_name(param.dtype), config.block_size)
-        self.tiers = _make_tiers(self.runner.kv_cache, config, memory_store_call)
+        self.tiers = _make_tiers(self.runner.kv_cache, config, memory_store_call, needed)
         kv = KVCacheManager(self.cache_info.num_blocks, config.block_size, model.config.sliding_window,
                             config.enable_prefix_caching, keyspace.root, self.tiers)
         self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens)
@@ -158,6 +158,14 @@ class LLMEngine:
         scheduler, kv = self.scheduler, self.scheduler.kv
         return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.usage, kv.num_prefix_queries,
                            kv.num_prefix_hits, None if self.tiers is None else self.tiers.stats())
+
+    def cached_block_names(self, limit: int) -> list[bytes]:
+        """Names of blocks this engine can serve a prefix from (device pool first, then host RAM), at most
+        `limit`, most recent first: what KV-aware routing is told. Safe from another thread (a snapshot)."""
+        names = self.scheduler.kv.pool.cached_hashes(limit)
+        if self.tiers is not None and len(names) < limit:
+            names += self.tiers.host.names(limit - len(names))
+        return names
 
     def close(self) -> None:
         """Stop the KV tiers' threads (the memory store's writer, the loader)."""
@@ -317,15 +325,21 @@ def _size_cache(model: Transformer, config: EngineConfig, dtype: torch.dtype, de
     return CacheInfo(max_len, max(budget // per_block, 0), config.block_size, (budget // per_block) * per_block)
 
 
-def _make_tiers(kv_cache: torch.Tensor, config: EngineConfig, store_call: Callable | None) -> KVTiers | None:
+def _make_tiers(kv_cache: torch.Tensor, config: EngineConfig, store_call: Callable | None,
+                sequence_blocks: int) -> KVTiers | None:
     """The tiers below the device pool, when any is configured (they need prefix caching: blocks are found by
-    their names)."""
+    their names). `sequence_blocks`: the most blocks one sequence holds at once."""
     if not config.enable_prefix_caching or (not config.host_kv_cache_memory and store_call is None):
         return None
     num_layers, _, _, num_kv_heads, head_dim = kv_cache.shape
     block_shape = (num_layers, 2, config.block_size, num_kv_heads, head_dim)
-    # T2's blocks arrive through T1, so a store needs a host tier of at least one prompt's worth of blocks
+    # T2's blocks arrive through T1, so a store needs a host tier that holds one sequence's blocks
+    block_bytes = kv_cache[:, :, :config.block_size].numel() * kv_cache.element_size()
     host_bytes = config.host_kv_cache_memory or kv_cache.numel() * kv_cache.element_size()
+    if store_call is not None and host_bytes < sequence_blocks * block_bytes:
+        raise EngineConfigError(
+            f"host_kv_cache_memory ({host_bytes} bytes) cannot stage one sequence's blocks from the memory store "
+            f"({sequence_blocks} blocks of {block_bytes} bytes): raise it to at least {sequence_blocks * block_bytes}")
     store = None if store_call is None else StoreClient(store_call, block_shape, kv_cache.dtype)
     return KVTiers(kv_cache, config.block_size, HostTier(host_bytes, pin_memory=kv_cache.is_cuda), store,
                    config.kv_write_policy)

@@ -13,6 +13,7 @@ the GPU can be asynchronous). `get` returns the stored tensor itself: callers co
 write into it. One lock guards the map; the device-to-host copy in `put` runs outside it.
 """
 
+import itertools
 import threading
 from collections import OrderedDict
 
@@ -40,6 +41,11 @@ class HostTier:
 
     def __len__(self) -> int:
         return len(self._blocks)
+
+    def names(self, limit: int) -> list[bytes]:
+        """Up to `limit` stored block names, most recently used first."""
+        with self._lock:
+            return list(itertools.islice(reversed(self._blocks), limit))
 
     def get(self, block_hash: bytes) -> torch.Tensor | None:
         """The stored block (marked most recently used), or None. Do not write into the result."""

@@ -1,13 +1,15 @@
 """Ray's metrics export after real traffic carries every series the msem Grafana dashboard queries.
 
 A local Ray exports metrics on a free port (what Prometheus scrapes), the application runs the tiny preset with
-two expert groups (group 1 with two replicas) behind an API key, and the traffic covers every panel: streamed
-completions that share a prompt (prefix-cache hits) with more of them than the shard runs at once (requests
-waiting), one request refused for each of 400, 401 and 429, and a group replica killed mid-traffic (a failover).
+two expert groups (group 1 with two replicas) behind an API key, and the traffic covers every panel: a prompt
+whose blocks are evicted to host RAM and loaded back (the KV tiers), streamed completions that share a prompt
+(prefix-cache hits) with more of them than the shard runs at once (requests waiting), one request refused for
+each of 400, 401 and 429, and a group replica killed mid-traffic (a failover).
 The export lags the recording by a report interval or two, so the test polls it with a deadline.
 """
 
 import os
+import random
 import re
 import signal
 import threading
@@ -43,8 +45,10 @@ def app(metrics_port):
     from ray import serve
 
     # one Ingress replica: admission limits hold per replica, so MAX_REQUESTS clients fill its slots
+    # a device pool of 64 blocks (32 KiB each), so that a flood of prompts pushes blocks down to host RAM
     config = tiny_config(grpc_port=None, api_keys=[KEY], limits={"max_requests": MAX_REQUESTS}, ingress_replicas=1,
-                         attention={"max_num_seqs": 2}, expert_groups={"group_replicas": {1: {"min": 2, "max": 2}}})
+                         attention={"max_num_seqs": 2, "kv_cache_memory": 64 << 15},
+                         expert_groups={"group_replicas": {1: {"min": 2, "max": 2}}})
     deploy_and_wait(config)
     yield config
     serve.shutdown()
@@ -65,6 +69,18 @@ def scrape(port: int) -> dict[str, list[tuple[str, float]]]:
 def _missing(port: int, names: set[str]) -> set[str]:
     samples = scrape(port)
     return {name for name in names if not any(value > 0 for _, value in samples.get(name, []))}
+
+
+def reload_from_host_ram(base: str, auth: dict) -> None:
+    """A prompt, then prompts that evict its blocks from the device pool to host RAM, then the prompt again:
+    the KV tier series get values."""
+    rng = random.Random(0)
+    prompt = [rng.randrange(100, 30_000) for _ in range(200)]
+    with httpx.Client(base_url=base, headers=auth, timeout=120) as http:
+        for ids in [prompt] + [prompt[:16] + [rng.randrange(100, 30_000) for _ in range(400)] for _ in range(4)]:
+            assert http.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1}).status_code == 200
+        reply = http.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 1})
+        assert reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 192
 
 
 def test_every_dashboard_series_is_exported_with_real_values(app, metrics_port):
@@ -91,6 +107,7 @@ def test_every_dashboard_series_is_exported_with_real_values(app, metrics_port):
         assert http.get("/v1/models").status_code == 401
         bad = http.post("/v1/completions", headers=auth, json={"model": "tiny", "prompt": [10**9], "max_tokens": 2})
         assert bad.status_code == 400
+    reload_from_host_ram(base, auth)  # before the clients take every admission slot
     clients = [threading.Thread(target=client, daemon=True) for _ in range(MAX_REQUESTS)]
     for thread in clients:
         thread.start()
