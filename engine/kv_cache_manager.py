@@ -31,6 +31,8 @@ class KVCacheManager:
         self.keyspace_root = keyspace_root
         self.num_prefix_queries = 0  # prompt tokens looked up in the prefix cache, since start
         self.num_prefix_hits = 0  # of those, tokens found cached (in any tier)
+        self.spilled_bytes = 0  # host RAM held by running requests' spilled blocks (long contexts)
+        self.num_spilled_blocks = 0  # blocks spilled since start
 
     @property
     def usage(self) -> float:
@@ -42,7 +44,7 @@ class KVCacheManager:
         A prefix of n blocks is usable when the blocks its next query can see are all at hand, in the pool or
         in host RAM: all n without a sliding window, the last few with one (`_first_visible`). Host blocks are
         copied into fresh pool blocks, when `FetchCost` says that beats recomputing them and the pool has room
-        beyond one block for the rest of the prompt.
+        left for the first chunk of the rest.
         """
         assert req.num_computed_tokens == 0 and not req.block_ids
         if not self.enable_prefix_caching or req.wants_prompt_logprobs:
@@ -50,20 +52,21 @@ class KVCacheManager:
         hashes = self.prefix_hashes(req)
         pool_ids = [self.pool.lookup(h) for h in hashes]
         host = self.tiers.host_blocks(hashes, pool_ids) if self.tiers is not None else {}
-        while True:  # each round drops host blocks, so it ends
-            n = self._longest_match(len(hashes), lambda i: pool_ids[i] is not None or i in host)
+        n = len(hashes)
+        while True:  # each round shortens the prefix or stops using host RAM, so it ends
+            n = self._longest_match(n, lambda i: pool_ids[i] is not None or i in host)
             first = self._first_visible(n)
             loads = [i for i in range(first, n) if pool_ids[i] is None]
             if not loads:
                 break
             if not self.tiers.worth_loading(len(loads)):
-                host = {}
+                host, n = {}, len(hashes)
                 continue
             reused = sum(1 for i in range(first, n) if pool_ids[i] is not None and self.pool.refcount(pool_ids[i]) == 0)
-            room = self.pool.num_free - reused - 1
+            room = self.pool.num_free - reused - self._chunk_blocks(req.num_tokens - n * self.block_size)
             if len(loads) <= room:
                 break
-            host = {i: b for i, b in host.items() if i < loads[max(room, 0)]}
+            n -= max(1, len(loads) - max(room, 0))  # a shorter prefix: fewer blocks to load
         for i in range(first, n):  # take the pool's blocks before allocating, so no allocation evicts them
             if pool_ids[i] is not None:
                 self.pool.touch(pool_ids[i])
@@ -80,6 +83,10 @@ class KVCacheManager:
         self.num_prefix_queries += req.num_tokens
         self.num_prefix_hits += req.num_computed_tokens
         return req.num_computed_tokens
+
+    def _chunk_blocks(self, num_tokens: int) -> int:
+        """Blocks the first chunk of `num_tokens` uncomputed tokens takes (loads leave room for it)."""
+        return -(-min(num_tokens, self.max_chunk_tokens or num_tokens) // self.block_size) + 1
 
     def prefix_hashes(self, req: Request) -> list[bytes]:
         """Names of the request's full blocks that a prefix hit may cover (all but the last token's)."""
@@ -115,7 +122,8 @@ class KVCacheManager:
         return 0
 
     def release_out_of_window(self, req: Request) -> None:
-        """Free blocks that no query from position `num_computed_tokens` on can attend to."""
+        """Free blocks (in the pool or spilled to host RAM) that no query from position `num_computed_tokens`
+        on can attend to."""
         if self.sliding_window is None:
             return
         first_visible = max(0, req.num_computed_tokens - self.sliding_window + 1)
@@ -123,17 +131,48 @@ class KVCacheManager:
             if req.block_ids[i] is not None:
                 self.pool.free([req.block_ids[i]])
                 req.block_ids[i] = None
+            if i in req.host_blocks:
+                self.spilled_bytes -= req.host_blocks.pop(i).nbytes
 
-    def allocate_slots(self, req: Request, num_new_tokens: int) -> bool:
-        """Make room for `num_new_tokens` more tokens; False (nothing changed) if the pool is short."""
+    @property
+    def max_chunk_tokens(self) -> int | None:
+        """With long contexts (a host tier), a chunk takes at most half the pool, so that spilling a request's
+        older blocks can always make room for it; None: no limit beyond the step's budget."""
+        return None if self.tiers is None else max(1, self.pool.num_blocks // 2) * self.block_size
+
+    def allocate_slots(self, req: Request, num_new_tokens: int, spill: bool = False) -> bool:
+        """Make room for `num_new_tokens` more tokens; with `spill`, by moving the request's own older blocks to
+        host RAM when the pool is short (long contexts). False if there is no room (spilled blocks stay so)."""
         total = req.num_computed_tokens + num_new_tokens
         needed = -(-total // self.block_size) - len(req.block_ids)
         if needed <= 0:
             return True
+        if needed > self.pool.num_free and spill:
+            self._spill(req, needed)
         if needed > self.pool.num_free:
             return False
         req.block_ids.extend(self.pool.allocate(needed))
         return True
+
+    def _spill(self, req: Request, needed: int) -> None:
+        """Copy the request's oldest full blocks to host RAM and give their pool blocks back, until `needed` are
+        free or the spill budget (the host tier's size) is spent. Attention then streams them back per layer."""
+        if self.tiers is None:
+            return
+        for i in range(min(req.num_computed_tokens // self.block_size, len(req.block_ids))):
+            if self.pool.num_free >= needed:
+                return
+            block_id = req.block_ids[i]
+            if block_id is None:
+                continue
+            block = self.tiers.block(block_id)
+            if self.spilled_bytes + block.nbytes > self.tiers.host.capacity_bytes:
+                return
+            req.host_blocks[i] = block.to("cpu", copy=True)
+            self.spilled_bytes += block.nbytes
+            self.num_spilled_blocks += 1
+            self.pool.free([block_id])
+            req.block_ids[i] = None
 
     def cache_full_blocks(self, req: Request) -> None:
         """Register blocks that became full in the last step under their prefix hashes."""
@@ -151,7 +190,13 @@ class KVCacheManager:
             self.tiers.computed(computed)
 
     def free(self, req: Request) -> None:
-        """Return all of a request's blocks, tail first so its prefix stays cached longest."""
+        """Return all of a request's blocks, tail first so its prefix stays cached longest; blocks it spilled
+        go to host RAM's cache (a preempted long request resumes from there)."""
+        for i, block in req.host_blocks.items():
+            self.spilled_bytes -= block.nbytes
+            if i < len(req.block_hashes):
+                self.tiers.host.put(req.block_hashes[i], block)
+        req.host_blocks = {}
         self.pool.free([b for b in reversed(req.block_ids) if b is not None])
         req.block_ids = []
         req.block_hashes = []

@@ -78,11 +78,8 @@ class LLMEngine:
         self.cache_info = _size_cache(model, config, param.dtype, param.device)
         needed = max_blocks_per_sequence(self.cache_info.max_model_len, config.max_num_batched_tokens,
                                          config.block_size, model.config.sliding_window)
-        if needed > self.cache_info.num_blocks:
-            raise EngineConfigError(
-                f"the KV cache ({self.cache_info.kv_cache_bytes / 2**20:.0f} MiB, {self.cache_info.num_token_slots} "
-                f"tokens) cannot hold one sequence of max_model_len {self.cache_info.max_model_len} "
-                f"({needed * config.block_size} token slots needed): raise kv_cache_memory or lower max_model_len")
+        _check_room(self.cache_info, needed, config, mc_bytes_per_block=model.config.kv_bytes_per_token(
+            param.element_size()) * config.block_size)
         self.runner = ModelRunner(model, self.cache_info.num_blocks, config.block_size, param.dtype, param.device)
         keyspace = BlockKeyspace(model_id, dtype_name(param.dtype), config.block_size)
         self.tiers = _make_tiers(self.runner.kv_cache, config, memory_store_call, needed)
@@ -157,7 +154,9 @@ class LLMEngine:
         """The scheduler's and KV cache's load now. Reads counters only, so another thread may call it."""
         scheduler, kv = self.scheduler, self.scheduler.kv
         return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.usage, kv.num_prefix_queries,
-                           kv.num_prefix_hits, None if self.tiers is None else self.tiers.stats())
+                           kv.num_prefix_hits, None if self.tiers is None else
+                           {**self.tiers.stats(), "long_context": {"spilled_bytes": kv.spilled_bytes,
+                                                                   "spilled_blocks": kv.num_spilled_blocks}})
 
     def cached_block_names(self, limit: int) -> list[bytes]:
         """Names of blocks this engine can serve a prefix from (device pool first, then host RAM), at most
@@ -343,3 +342,19 @@ def _make_tiers(kv_cache: torch.Tensor, config: EngineConfig, store_call: Callab
     store = None if store_call is None else StoreClient(store_call, block_shape, kv_cache.dtype)
     return KVTiers(kv_cache, config.block_size, HostTier(host_bytes, pin_memory=kv_cache.is_cuda), store,
                    config.kv_write_policy)
+
+
+def _check_room(cache: CacheInfo, needed: int, config: EngineConfig, mc_bytes_per_block: int) -> None:
+    """One sequence of max_model_len must fit: in the device pool, or (long contexts) with its older blocks in
+    host RAM, which then bounds the context; the pool must still hold two blocks (a chunk and the block it
+    continues)."""
+    if needed <= cache.num_blocks:
+        return
+    host_needed = (needed - cache.num_blocks) * mc_bytes_per_block
+    if config.enable_prefix_caching and cache.num_blocks >= 2 and config.host_kv_cache_memory >= host_needed:
+        return
+    raise EngineConfigError(
+        f"the KV cache ({cache.kv_cache_bytes / 2**20:.0f} MiB, {cache.num_token_slots} tokens) cannot hold one "
+        f"sequence of max_model_len {cache.max_model_len} ({needed * config.block_size} token slots needed): raise "
+        f"kv_cache_memory, lower max_model_len, or give host_kv_cache_memory at least {host_needed} bytes for "
+        "the older blocks of long contexts")

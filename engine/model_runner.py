@@ -43,7 +43,7 @@ class ModelRunner:
             end = chunk.start + chunk.num_tokens
             tokens.extend(chunk.request.token_ids(chunk.start, end))
             positions.append(torch.arange(chunk.start, end))
-            spans.append((chunk.request.block_ids, chunk.start, chunk.num_tokens))
+            spans.append((chunk.request.block_ids, chunk.start, chunk.num_tokens, chunk.request.host_blocks))
         meta = build_metadata(spans, self.block_size, self.sliding_window, self.device)
         experts = self.model.experts  # None for a dense model
         if experts is not None:

@@ -11,22 +11,29 @@ one `AttentionMetadata` (slot indices and masks, shared by all layers); each lay
 Splitting decodes from prefills keeps padding small: a 2,000-token chunk next to 30 decodes would otherwise pad
 every decode to 2,000 queries.
 
+Long contexts: a request whose KV outgrew the pool has its oldest blocks in host RAM (`Request.host_blocks`,
+spilled by the KV cache manager). Its chunk, even a single decode token, gets a call of its own whose keys are
+those host blocks, copied to the device one layer at a time as that layer runs, followed by its resident
+slots. Attention stays exact; the context is bounded by host memory, and each step pays one host-to-device
+copy of the spilled part per layer.
+
 Legend: T new tokens this step, B decode sequences, L longest decode context, Q/K one chunk's queries/keys,
 n query heads, g kv heads, d head_dim.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from mistral.attention import attend, causal_mask
+from mistral.attention import attend, causal_mask, window_mask
 
 
 @dataclass
 class PrefillSpan:
     rows: slice  # rows of this chunk in the step's T tokens
-    slots: torch.Tensor  # [K] cache slots of its visible context, oldest first
-    mask: torch.Tensor | None  # [Q, K] bool, or None for plain causal (see `attend`)
+    slots: torch.Tensor  # [K] cache slots of its visible context, oldest first (after `host`'s keys)
+    mask: torch.Tensor | None  # [Q, H + K] bool, or None for plain causal (see `attend`)
+    host: list[torch.Tensor] = field(default_factory=list)  # spilled blocks [L, 2, B, g, d] before the slots
 
 
 @dataclass
@@ -38,17 +45,27 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
 
 
-def build_metadata(spans: list[tuple[list[int | None], int, int]], block_size: int,
+def build_metadata(spans: list[tuple[list[int | None], int, int, dict[int, torch.Tensor]]], block_size: int,
                    sliding_window: int | None, device: torch.device) -> AttentionMetadata:
-    """spans: per chunk (block table, first position, number of tokens), in row order."""
+    """spans: per chunk (block table, first position, number of tokens, spilled blocks), in row order."""
     slot_mapping, decodes, prefills, row = [], [], [], 0
-    for block_ids, start, n in spans:
+    for block_ids, start, n, host_blocks in spans:
         table = torch.tensor([-1 if b is None else b for b in block_ids])
         k_start = 0 if sliding_window is None else max(0, start - sliding_window + 1)
+        spilled = sorted(i for i in host_blocks if (i + 1) * block_size > k_start)  # the visible ones
+        if spilled:
+            k_start = max(k_start, (spilled[-1] + 1) * block_size)  # the resident part follows them
+            assert spilled == list(range(spilled[0], spilled[-1] + 1)), "spilled blocks are the oldest, contiguous"
         k_pos = torch.arange(k_start, start + n)
         k_slots = table[k_pos // block_size] * block_size + k_pos % block_size  # [K]
         slot_mapping.append(k_slots[start - k_start:])
-        if n == 1:
+        if spilled:
+            q_pos = torch.arange(start, start + n)
+            all_pos = torch.cat([torch.arange(spilled[0] * block_size, k_start), k_pos])
+            prefills.append(PrefillSpan(slice(row, row + n), k_slots.to(device),
+                                        window_mask(q_pos, all_pos, sliding_window).to(device),
+                                        [host_blocks[i] for i in spilled]))
+        elif n == 1:
             decodes.append((row, k_slots))
         else:
             q_pos = torch.arange(start, start + n)
@@ -92,5 +109,9 @@ class PagedAttention:
                 qd, kd, vd, attn_mask=m.decode_mask, enable_gqa=q.shape[1] != k.shape[1])
             out[m.decode_rows] = od[:, :, 0, :]
         for p in m.prefills:
-            out[p.rows] = attend(q[p.rows], k_cache[p.slots], v_cache[p.slots], p.mask)
+            k_ctx, v_ctx = k_cache[p.slots], v_cache[p.slots]
+            if p.host:  # this layer's part of the spilled blocks, streamed in now: [H, g, d] each
+                host = torch.cat([block[layer_id] for block in p.host], dim=1).to(q.device, non_blocking=True)
+                k_ctx, v_ctx = torch.cat([host[0], k_ctx]), torch.cat([host[1], v_ctx])
+            out[p.rows] = attend(q[p.rows], k_ctx, v_ctx, p.mask)
         return out

@@ -11,6 +11,8 @@ With a sliding window, blocks that fall out of the window are released and their
 import enum
 from dataclasses import dataclass, field
 
+import torch
+
 from engine.sampler import Logprobs, SamplingState
 from engine.sampling_params import SamplingParams
 
@@ -34,6 +36,7 @@ class Request:
     num_computed_tokens: int = 0
     block_ids: list[int | None] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # names of the leading full blocks
+    host_blocks: dict[int, torch.Tensor] = field(default_factory=dict)  # spilled to host RAM, by block index
     is_loading_kv: bool = False  # its prefix is being fetched from the shared memory store: not admitted yet
     num_cached_prefix_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     num_preemptions: int = 0

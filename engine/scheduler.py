@@ -73,21 +73,29 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, budget, self.kv.max_chunk_tokens or budget)
             self.kv.release_out_of_window(req)
-            while not self.kv.allocate_slots(req, n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
-                    break
-            else:
+            if self._make_room(req, n, out):
                 out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
                 budget -= n
                 i += 1
         if not out.preempted:
             budget = self._admit(out, budget)
         return out
+
+    def _make_room(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        """Blocks for `n` more tokens of a running request: preempt the newest requests until they fit, but when
+        the newest is `req` itself, spill its older blocks to host RAM first (long contexts); False when `req`
+        was preempted."""
+        while not self.kv.allocate_slots(req, n):
+            if self.running[-1] is req and self.kv.allocate_slots(req, n, spill=True):
+                return True
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
         for req in list(self.waiting):
@@ -99,9 +107,10 @@ class Scheduler:
                 continue  # its prefix is on its way from the memory store; others run meanwhile
             if req.num_computed_tokens == 0:
                 self.kv.match_prefix(req)
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, budget, self.kv.max_chunk_tokens or budget)
             self.kv.release_out_of_window(req)
-            if not self.kv.allocate_slots(req, n):
+            # alone, a long request spills its own prefix blocks: nothing else would ever free a block for it
+            if not self.kv.allocate_slots(req, n, spill=not self.running):
                 self.kv.free(req)  # give back prefix hits; try again when blocks free up
                 break
             if req.num_preemptions == 0:  # a recompute's hits on its own prompt + output are no prompt hits

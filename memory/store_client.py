@@ -34,7 +34,7 @@ _BATCH_BLOCKS = 32  # blocks per write call
 
 class StoreClient:
     def __init__(self, call: Callable, block_shape: Sequence[int], dtype: torch.dtype, backoff_s: float = 5.0,
-                 max_queued_blocks: int = 256):
+                 max_queued_blocks: int = 1024):
         self.call = call
         self.block_shape, self.dtype = tuple(block_shape), dtype
         self.backoff_s = backoff_s
@@ -91,9 +91,10 @@ class StoreClient:
         with self._lock:
             return {**self._counts, "available": self.available, "queued": self._queue.qsize()}
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is queued (for at most `timeout_s`), then stop."""
         self._closed.set()
-        self._sender.join(timeout=5)
+        self._sender.join(timeout=timeout_s)
 
     def _decode(self, block_hash: bytes, data) -> torch.Tensor | None:
         if data is None:
@@ -124,7 +125,7 @@ class StoreClient:
             return None
 
     def _send_loop(self) -> None:
-        while not self._closed.is_set():
+        while not (self._closed.is_set() and self._queue.empty()):
             try:
                 batch = [self._queue.get(timeout=0.1)]
             except queue.Empty:

@@ -73,13 +73,16 @@ def test_a_host_tier_smaller_than_the_evictions_keeps_its_limit_and_its_answers(
     assert host["evictions"] > 0 and host["used_bytes"] <= 3 * BLOCK_BYTES
 
 
-def test_a_preempted_request_resumes_from_host_ram(mixtral_dir):
+def test_a_preempted_request_resumes_from_host_ram(mixtral_full_dir):
     batch = prompts(6, seed=5, lo=20, hi=40)
     params = [SamplingParams(max_tokens=48, temperature=0.8, seed=i, ignore_eos=True) for i in range(6)]
-    expected = small_llm(mixtral_dir).generate(prompt_token_ids=batch, sampling_params=params)
-    small = small_llm(mixtral_dir, kv_cache_memory=512 * 176, max_model_len=128,
-                      host_kv_cache_memory=1 << 20)  # as test_engine_equivalence's preemption test, plus T1
+    expected = small_llm(mixtral_full_dir).generate(prompt_token_ids=batch, sampling_params=params)
+    # as test_engine_equivalence's preemption test, plus T1
+    small = small_llm(mixtral_full_dir, kv_cache_memory=512 * 176, max_model_len=128, host_kv_cache_memory=1 << 20)
+    preemptions, original = [], small.engine.scheduler._preempt
+    small.engine.scheduler._preempt = lambda req: (preemptions.append(req.request_id), original(req))
     got = small.generate(prompt_token_ids=batch, sampling_params=params)
+    assert preemptions, "the KV budget was meant to force preemption"
     assert small.engine.stats().num_requests_waiting == 0
     assert small.engine.tiers.num_loaded["host"] > 0, "a preempted request was meant to reload its blocks"
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
@@ -103,5 +106,6 @@ def test_a_tier_slower_than_recomputing_is_not_read(mixtral_full_dir):
     cost = llm.engine.tiers.cost
     for n in (1, 4):
         cost.observe_fetch("host", n, 10.0 * n)  # measured: 10 s a block
+    loaded = llm.engine.tiers.num_loaded["host"]
     got = llm.generate(prompt_token_ids=[SHARED + [7]], sampling_params=GREEDY)
-    assert got[0].num_cached_tokens == 0 and llm.engine.tiers.num_loaded["host"] == 0
+    assert got[0].num_cached_tokens == 0 and llm.engine.tiers.num_loaded["host"] == loaded
