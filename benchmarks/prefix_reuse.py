@@ -117,7 +117,8 @@ def run_chats(args, memory: bool, kv_aware: bool) -> dict:
         "model": args.model, "served_model_name": "bench", "max_model_len": args.max_model_len, "dtype": "float32",
         "http_port": port, "grpc_port": None, "expert_groups": None, "ingress_replicas": 1,
         "attention": {"num_cpus": 0, "replicas": {"min": 2, "max": 2},
-                      "routing": {"policy": "kv-aware" if kv_aware else "power-of-two"}},
+                      "routing": {"policy": "kv-aware" if kv_aware else "power-of-two",
+                                  "max_imbalance": args.max_imbalance}},
         "memory": {"host_bytes": 1 << 30, "write_policy": "write-through"} if memory else None})
     deploy(config)
     base = f"http://127.0.0.1:{port}"
@@ -175,6 +176,8 @@ def main() -> None:
     parser.add_argument("--turn-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-imbalance", type=int, default=1, help="attention.routing.max_imbalance")
+    parser.add_argument("--skip-ttft", action="store_true", help="only the multi-turn chats")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     import ray
@@ -182,8 +185,9 @@ def main() -> None:
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="msem")
     results: dict = {}
     try:
-        log("TTFT per tier")
-        results["ttft_s"] = run_tiers(args)
+        if not args.skip_ttft:
+            log("TTFT per tier")
+            results["ttft_s"] = run_tiers(args)
         if args.chats:
             for memory in (True, False):
                 for kv_aware in (True, False):
@@ -192,10 +196,11 @@ def main() -> None:
                     results.setdefault("chats", {})[name] = run_chats(args, memory, kv_aware)
     finally:
         ray.shutdown()
-    cold = results["ttft_s"]["cold"]
-    print(f"TTFT, {args.prefix_tokens}-token prefix + 16 tokens ({args.model}):")
-    for state, seconds in results["ttft_s"].items():
-        print(f"  {state:<5} {seconds * 1e3:9.0f} ms  {seconds / cold:6.3f} x cold")
+    if "ttft_s" in results:
+        cold = results["ttft_s"]["cold"]
+        print(f"TTFT, {args.prefix_tokens}-token prefix + 16 tokens ({args.model}):")
+        for state, seconds in results["ttft_s"].items():
+            print(f"  {state:<5} {seconds * 1e3:9.0f} ms  {seconds / cold:6.3f} x cold")
     for name, r in results.get("chats", {}).items():
         print(f"{name:<27} {r['tokens_per_s']:7.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.0f} ms  "
               f"p99 {r['ttft_p99_ms']:7.0f} ms  cached {100 * r['cached_share']:5.1f}% of prompt tokens")

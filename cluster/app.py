@@ -46,6 +46,7 @@ from cluster.frontend import Frontend, ShardRequest
 from cluster.kv_routing import KVAwareRouter
 from engine.async_llm import AsyncLLM
 from engine.config import EngineConfig
+from engine.kv_cache_manager import max_blocks_per_sequence
 from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput
 from engine.tokenizer import Tokenizer
@@ -55,6 +56,7 @@ from memory.serialize import dtype_name
 from experts.parallel_config import LAYER_PATH_ENV
 from experts.placement import Placement, PlacementError, make_placement
 from mistral.checkpoint import CheckpointReader
+from mistral.config import ModelConfig
 from mistral.errors import ConfigError
 from mistral.presets import resolve_model
 from router_service.service import ExpectedReplicas
@@ -76,6 +78,7 @@ def plan(config: ServeConfig) -> tuple[Path, Placement | None]:
     that cannot work, so callers can check one before deploying it."""
     model_dir = resolve_model(config.model)  # materialises a preset once, before any replica starts
     model = CheckpointReader(model_dir).config
+    _check_memory(config, model)
     if config.expert_groups is None:
         return model_dir, None
     if not model.is_moe:
@@ -90,6 +93,22 @@ def plan(config: ServeConfig) -> tuple[Path, Placement | None]:
     if eg.initial_placement is not None:
         placement = initial_placement(Path(eg.initial_placement), placement)
     return model_dir, placement
+
+
+def _check_memory(config: ServeConfig, model: ModelConfig) -> None:
+    """Refuse a host tier too small to stage one sequence's blocks from the memory store (each shard would fail
+    at start). Counted at 2 bytes a value, the least a shard's dtype takes: the shards check the exact need."""
+    memory = config.memory
+    if memory is None or memory.store is None or not memory.host_bytes:
+        return
+    max_len = config.max_model_len or model.max_position_embeddings
+    blocks = max_blocks_per_sequence(max_len, config.attention.max_num_batched_tokens, BLOCK_SIZE,
+                                     model.sliding_window)
+    needed = blocks * BLOCK_SIZE * model.kv_bytes_per_token(2)
+    if memory.host_bytes < needed:
+        raise ConfigError(f"memory.host_bytes is {memory.host_bytes}; staging one sequence of max_model_len "
+                          f"{max_len} from the memory store takes {needed} bytes of host RAM per shard at least: "
+                          "raise memory.host_bytes, lower max_model_len, or set memory.store to null")
 
 
 def initial_placement(path: Path, base: Placement) -> Placement:

@@ -75,7 +75,7 @@ class RoutingConfig(_Strict):
     # "kv-aware": the shard that was sent the request's longest prefix, unless it is busier than the least busy
     # by more than max_imbalance requests; "power-of-two": Serve's default (two at random, the less busy)
     policy: Literal["kv-aware", "power-of-two"] = "kv-aware"
-    max_imbalance: int = Field(4, ge=0)
+    max_imbalance: int = Field(1, ge=0)
     index_blocks: int = Field(65_536, ge=1)  # prefix blocks each Ingress replica remembers (LRU)
     max_prefix_blocks: int = Field(256, ge=1)  # the longest prefix, in 16-token blocks, that is looked at
     stats_period_s: float = Field(2.0, gt=0)  # how often each shard reports the blocks it holds

@@ -108,7 +108,7 @@ def rank_shards(warm: Hashable | None, queue_lens: dict[Hashable, int | None], m
 class KVAwareRouter(RequestRouter):
     """Serve's request router for the AttentionShard deployment (`request_router_config`)."""
 
-    def initialize_state(self, keyspace_root: str, max_imbalance: int = 4, index_blocks: int = 65_536,
+    def initialize_state(self, keyspace_root: str, max_imbalance: int = 1, index_blocks: int = 65_536,
                          max_prefix_blocks: int = 256, block_size: int = 16):
         """`keyspace_root`: hex of the engine's `BlockKeyspace.root`, so that names match the shards'."""
         self.max_imbalance = max_imbalance

@@ -57,3 +57,10 @@ def test_plan_applies_redundant_slots_and_the_initial_placement(tmp_path):
         "num_groups": 2, "redundant_slots": 1, "initial_placement": str(recorded)}})
     _, placement = plan(config)
     assert placement.slots_per_group == 5 and placement.version == 1
+
+
+def test_a_host_tier_too_small_for_the_memory_store_is_refused_before_deploying():
+    config = ServeConfig(model="tiny", max_model_len=512, memory={"host_bytes": 1 << 16})
+    with pytest.raises(ConfigError, match="memory.host_bytes is 65536; staging one sequence of max_model_len 512"):
+        plan(config)
+    plan(ServeConfig(model="tiny", max_model_len=512, memory={"host_bytes": 1 << 16, "store": None}))
