@@ -182,8 +182,9 @@ class LLMEngine:
             return []
         start = time.perf_counter()
         result = self.runner.execute(batch)
-        if self.tiers is not None and batch.num_tokens >= self.config.block_size:  # a prefill: what a load saves
-            self.tiers.observe_compute(batch.num_tokens, time.perf_counter() - start)
+        prefill = sum(c.num_tokens for c in batch.chunks if c.num_tokens > 1)
+        if self.tiers is not None and prefill >= max(self.config.block_size, batch.num_tokens // 2):
+            self.tiers.observe_compute(batch.num_tokens, time.perf_counter() - start)  # what a load saves
         self.scheduler.update(batch)
         return self._apply(batch.chunks, result)
 
