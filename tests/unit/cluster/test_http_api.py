@@ -401,3 +401,26 @@ def test_usage_reports_the_prompt_tokens_served_from_the_cache(client):
     assert first.usage.prompt_tokens_details.cached_tokens == 0 and full_blocks > 0
     assert again.usage.prompt_tokens_details.cached_tokens == full_blocks
     assert streamed.usage.prompt_tokens_details.cached_tokens == full_blocks
+
+
+def test_memory_shows_the_store_answers_404_without_one_and_503_when_it_is_down(async_llm):
+    async def down():
+        raise ConnectionError("the store's replica died")
+
+    async def stalls():
+        await asyncio.sleep(30)
+
+    async def store():
+        return {"store": {"ram": {"used_bytes": 1}}, "shards": {}}
+
+    for info, status in ((None, 404), (down, 503), (stalls, 503), (store, 200)):
+        frontend = Frontend("tiny", async_llm.tokenizer, async_llm.max_model_len, 32000, LocalShards(async_llm),
+                            memory_info=info)
+        with serve(frontend) as url:
+            reply = httpx2.get(f"{url}/v1/memory", timeout=10)
+        assert reply.status_code == status, reply.text
+        if status == 200:
+            assert reply.json()["store"]["ram"]["used_bytes"] == 1
+        else:
+            assert reply.json()["error"]["message"].startswith(
+                "this deployment has no memory store" if status == 404 else "the memory store did not answer")
