@@ -37,8 +37,12 @@ def test_plain_config_file_and_defaults(tmp_path):
     ({"expert_groups": {"rebalance": {"min_gain": 2}}}, "expert_groups.rebalance.min_gain"),
     ({"expert_groups": {"rebalance": {"interval": 10}}}, "expert_groups.rebalance.interval: Extra inputs"),
     ({"attention": {"health_check": {"period_s": 0}}}, "attention.health_check.period_s"),
+    ({"memory": {"write_policy": "write-around"}}, "memory.write_policy"),
+    ({"memory": {"host_bytes": -1}}, "memory.host_bytes"),
+    ({"memory": {"store": {"timeout_s": 0}}}, "memory.store.timeout_s"),
+    ({"attention": {"routing": {"policy": "round-robin"}}}, "attention.routing.policy"),
 ], ids=["typo", "bounds", "unknown-group", "transport", "port", "limits", "redundant-slots", "min-gain",
-        "rebalance-typo", "health-check"])
+        "rebalance-typo", "health-check", "write-policy", "host-bytes", "store-timeout", "routing-policy"])
 def test_bad_configs_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(data)

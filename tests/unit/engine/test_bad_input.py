@@ -77,3 +77,12 @@ def test_kv_cache_too_small_for_one_sequence(mixtral_full_dir):
 def test_max_model_len_beyond_the_model(mixtral_dir):
     with pytest.raises(EngineConfigError, match="exceeds the model's context"):
         LLM(str(mixtral_dir), tokenizer="v1", dtype="float32", max_model_len=10_000, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"host_kv_cache_memory": -1}, "host_kv_cache_memory must be >= 0"),
+                                          ({"kv_write_policy": "write-around"}, "kv_write_policy must be one of")])
+def test_bad_kv_tier_settings(kwargs, match):
+    from engine.config import EngineConfig
+
+    with pytest.raises(EngineConfigError, match=match):
+        EngineConfig(**kwargs)
