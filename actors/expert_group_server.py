@@ -11,8 +11,9 @@ Start-up, in order, so that no shard is routed to it before it can answer:
 3. register with the router, sending a `ReplicaSpec` (hidden size, dtype, experts held): the router refuses a
    replica that would compute other bits or lack experts, with a message naming the mismatch.
 
-Then a heartbeat thread reports tokens served and the placement held once a second; the answer says which
-placement to hold (`PlacementFollower` loads it in the background) and which torch sessions are live (members
+Then a heartbeat thread reports tokens served and the placement held every `HEARTBEAT_S`, and at once when a
+placement finished loading; the answer says which placement to hold (`PlacementFollower` loads it in the
+background: a rebalance, or the experts of a lost group that this one covers) and which torch sessions are live (members
 are started for new ones and stopped for ended ones). A restarted replica registers again.
 
 Health: `check_health` (Serve's hook) runs a 1-token probe through the experts (`ExpertProbe`), as does the
@@ -57,10 +58,10 @@ class ExpertGroupServer:
             torch.set_num_threads(max(1, int(cpus)))
         devices = compute.devices(max(1, num_gpus))
         reader = CheckpointReader(resolve_model(model))
-        first, *later = await router.placements.remote()
+        first, *later = await router.placements.remote(group_id)
         group = await asyncio.to_thread(ExpertGroup.load, reader, first, group_id, compute.torch_dtype,
                                         devices if len(devices) > 1 else devices[0])
-        for placement in later:  # a rebalance is under way: hold both placements' experts
+        for placement in later:  # a switch is under way, or the group is lost and others cover it: hold both
             await asyncio.to_thread(group.extend, reader, placement)
         if replica_id is None:
             from ray import serve
@@ -76,12 +77,12 @@ class ExpertGroupServer:
         endpoints = {"grpc": f"{host}:{port}"}
         if (actor_name := ray.get_runtime_context().get_actor_name()) and transport == "ray":
             endpoints["ray"] = actor_name
-        self.follower = PlacementFollower(group, reader, (later or [first])[-1], replica_id)
+        self._stop, self._wake = threading.Event(), threading.Event()  # the heartbeat thread's
+        self.follower = PlacementFollower(group, reader, (later or [first])[-1], replica_id, on_loaded=self._wake.set)
         self.info = ReplicaInfo(replica_id, group_id, endpoints, self._spec())
         self.torch = transport == "torch"
         self._members: dict[str, object] = {}  # torch session -> TorchMember
         await router.register.remote(self.info, self.follower.version)
-        self._stop = threading.Event()
         self._last = (time.monotonic(), 0)
         threading.Thread(target=self._heartbeats, name="msem-heartbeat", daemon=True).start()
         work = ExpertGroupMetrics(group_id, replica_id, lambda: group.tokens_served, self.busy)
@@ -105,7 +106,9 @@ class ExpertGroupServer:
                 self._follow_sessions(answer["sessions"])
             except Exception:  # noqa: BLE001 - the router may be restarting; the next beat re-registers
                 logger.warning("heartbeat of %s failed", self.info.replica_id, exc_info=True)
-            if self._stop.wait(HEARTBEAT_S):
+            self._wake.wait(HEARTBEAT_S)  # or sooner: a placement finished loading
+            self._wake.clear()
+            if self._stop.is_set():
                 return
 
     def _follow_sessions(self, sessions: dict[str, tuple[str, int]]) -> None:
@@ -151,6 +154,7 @@ class ExpertGroupServer:
         if self._stop.is_set():
             return
         self._stop.set()
+        self._wake.set()
         for member in self._members.values():
             member.stop(timeout=1.0)
         try:

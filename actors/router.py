@@ -26,7 +26,10 @@ from router_service.transport import ReplicaInfo
 
 logger = logging.getLogger(__name__)
 TICK_S = 1.0  # how often the router advances rebalancing and publishes its metrics
-HEARTBEAT_S = 1.0  # how often group replicas heartbeat; three missed ones make a replica not live
+# How often group replicas heartbeat. The answer carries a placement switch, so this bounds how soon the
+# survivors of a lost group start loading its experts.
+HEARTBEAT_S = 0.5
+LIVE_S = 3.0  # a replica that has not heartbeated for this long is not live (for `/health`)
 
 
 def is_alive(info: ReplicaInfo) -> bool:
@@ -38,7 +41,7 @@ class Router:
                  session_timeout_s: float = 10.0):
         """`rebalance`: `RebalancePolicy` fields; `expected`: what a joining replica must hold (it is refused
         otherwise)."""
-        self.service = RouterService(placement, is_alive=is_alive, heartbeat_timeout_s=3 * HEARTBEAT_S,
+        self.service = RouterService(placement, is_alive=is_alive, heartbeat_timeout_s=LIVE_S,
                                      policy=RebalancePolicy(**(rebalance or {})), expected=expected)
         self.session_timeout_s = session_timeout_s
         self._sessions: dict[str, tuple[tuple[str, int], float]] = {}  # session -> (store address, renewed at)
@@ -65,14 +68,14 @@ class Router:
             sessions = {session: address for session, (address, _) in self._sessions.items()}
         return {**self.service.heartbeat(info, tokens_served, placement_version), "sessions": sessions}
 
-    def placements(self) -> list[Placement]:
-        return self.service.placements()
+    def placements(self, group_id: int | None = None) -> list[Placement]:
+        return self.service.placements(group_id)
 
     async def report_failure(self, replica_id: str) -> None:
         await asyncio.to_thread(self.service.report_failure, replica_id)  # its health check may take a while
 
     def missing_groups(self) -> list[int]:
-        """Groups with no replica that heartbeated within the last 3 heartbeats (for `/health`)."""
+        """Groups with experts and no replica that heartbeated within `LIVE_S` (for `/health`)."""
         return self.service.missing_groups()
 
     # ---- shards ----

@@ -105,6 +105,9 @@ class RebalanceConfig(_Strict):
     min_gain: float = Field(0.05, ge=0, le=1)  # periodic: least gain in mean balancedness worth a move
     switch_timeout_s: float = Field(120.0, gt=0)  # replicas must load a new placement within this
     settle_timeout_s: float = Field(30.0, gt=0)  # replicas drop moved-away experts at most this long after
+    # When a group's last replica dies, the other groups load its experts and serve them until it is back
+    # (seconds, instead of waiting for a new process). Survivors need room for the extra experts meanwhile.
+    cover_lost_groups: bool = True
 
 
 class ExpertGroupsConfig(_Strict):

@@ -144,6 +144,17 @@ def is_serving(endpoint: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def refuses(endpoint: str, timeout_s: float = 0.5) -> bool:
+    """True when nothing listens at host:port any more (the connection is refused: the process is gone). A
+    server that is slow to answer, or a host that cannot be reached, is not proof of death: False."""
+    try:
+        with grpc.insecure_channel(endpoint) as channel:
+            pb_grpc.ExpertServiceStub(channel).Health(pb.HealthRequest(), timeout=timeout_s)
+        return False
+    except grpc.RpcError as error:
+        return error.code() == grpc.StatusCode.UNAVAILABLE
+
+
 class GrpcTransport:
     """`Transport` over ExpertService: concurrent grpc.aio calls from a background event loop, with deadlines.
 

@@ -10,6 +10,7 @@ elsewhere. Until then the group holds both sets, so a shard still on the old tab
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from experts.expert_group import ExpertGroup
 from experts.placement import Placement
@@ -19,8 +20,10 @@ logger = logging.getLogger(__name__)
 
 
 class PlacementFollower:
-    def __init__(self, group: ExpertGroup, reader: CheckpointReader, placement: Placement, name: str):
-        self.group, self.reader, self.name = group, reader, name
+    def __init__(self, group: ExpertGroup, reader: CheckpointReader, placement: Placement, name: str,
+                 on_loaded: Callable[[], None] = lambda: None):
+        """`on_loaded` runs after a background load, so the owner can report the new version at once."""
+        self.group, self.reader, self.name, self.on_loaded = group, reader, name, on_loaded
         self.placement = placement  # the newest placement whose experts the group holds
         self._retained: int | None = None
         self._loader: threading.Thread | None = None
@@ -59,3 +62,4 @@ class PlacementFollower:
         self.placement = target
         logger.info("%s loaded %d experts of placement v%d in %.2f s", self.name, loaded, target.version,
                     time.monotonic() - started)
+        self.on_loaded()

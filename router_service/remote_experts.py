@@ -5,10 +5,11 @@ transport, and combine the answers in slot order. The engine cannot tell it from
 
 Failover. A send that comes back as a `ReplicaFailure` is re-sent: to another live replica of its group if
 there is one, else — after telling the router (which checks the replica and drops it if dead) — to whichever
-replica the routing table lists next, typically the restarted one once it re-registers. The shard waits for
-that at most `failover_timeout` seconds, polling the table, and only then raises `ExpertGroupUnavailable`.
-Because experts are pure, the re-sent batch computes the same bits, so clients see neither an error nor a
-different token.
+replica the routing table lists next, typically the restarted one once it re-registers. If the router
+meanwhile switches to a placement that covers the lost group (its experts now in the surviving groups: see
+`router_service.service`), the layer is planned again under it. The shard waits for either at most
+`failover_timeout` seconds, polling the table, and only then raises `ExpertGroupUnavailable`. Because experts
+are pure, the re-sent batch computes the same bits, so clients see neither an error nor a different token.
 
 A failed replica is skipped until the table changes after its failure (it was dropped, or re-registered with
 new endpoints), so a dead replica costs one failed send per table version, not one per layer. A replica that
@@ -135,23 +136,28 @@ class RemoteExperts:
             with torch.inference_mode(False):  # a plain tensor: callers may or may not run in inference mode
                 self._step_load = torch.zeros(self._load.shape, dtype=torch.long, device=flat.device)
         self._step_load[layer_id].index_add_(0, flat, torch.ones_like(flat))  # no host sync
-        if self._copy_table[0] != self.table.placement.version:  # a rebalanced table: rebuilt once, not per layer
-            version, copies, num_copies = self.table.placement.version, *self.table.placement.copy_table()
-            self._copy_table = (version, copies.to(flat.device), num_copies.to(flat.device))
-        _, copies, num_copies = self._copy_table
-        sends = plan_layer(layer_id, hidden, expert_ids, weights, copies[layer_id], num_copies[layer_id],
-                           self.table.placement.num_groups)
-        results = self._run(sends)
+        started, results, replanned = time.monotonic(), None, False
+        while results is None:  # planned again when a failover brings a new placement (a lost group covered)
+            placement = self.table.placement
+            if self._copy_table[0] != placement.version:  # a rebalanced table: rebuilt once, not per layer
+                self._copy_table = (placement.version, *(t.to(flat.device) for t in placement.copy_table()))
+            _, copies, num_copies = self._copy_table
+            sends = plan_layer(layer_id, hidden, expert_ids, weights, copies[layer_id], num_copies[layer_id],
+                               placement.num_groups)
+            results = self._run(sends, started, replanned)
+            replanned = True
         out = combine_results(expert_ids.shape[0], expert_ids.shape[1], sends, results).to(hidden.dtype)
         self.layer_seconds.append(time.perf_counter() - t0)
         return out
 
     # ---- sending with failover ----
 
-    def _run(self, sends: list[GroupSend]) -> list[torch.Tensor]:
+    def _run(self, sends: list[GroupSend], started: float, failed: bool) -> list[torch.Tensor] | None:
+        """The answers in send order, failing over as the module note says; None when the table's placement
+        changed while sends were still unanswered (their groups may hold other experts now: plan again).
+        `started`: when the layer began; `failed`: an earlier plan of it failed over already."""
         results: list[torch.Tensor | None] = [None] * len(sends)
-        pending = list(range(len(sends)))
-        started, deadline = time.monotonic(), None
+        pending, placement = list(range(len(sends))), self.table.placement
         while True:
             ready: list[tuple[int, ReplicaInfo]] = []
             try:
@@ -171,8 +177,8 @@ class RemoteExperts:
             pending = [i for i in pending if results[i] is None]
             if not pending:
                 break
-            deadline = deadline or started + self.failover_timeout
-            if time.monotonic() > deadline:
+            failed = True
+            if time.monotonic() > started + self.failover_timeout:
                 groups = sorted({sends[i].group_id for i in pending})
                 raise ExpertGroupUnavailable(f"expert groups {groups} had no answering replica for "
                                              f"{self.failover_timeout:.0f} s")
@@ -181,7 +187,11 @@ class RemoteExperts:
                 self._stats.failovers += len(pending)
             if all(self._pick(sends[i].group_id) is None for i in pending):
                 self._wait_for_change()
-        if deadline is not None:
+            if self.table.placement is not placement:
+                logger.warning("expert failover: placement v%d in force; layer %d planned again",
+                               self.table.placement.version, sends[0].batch.layer_id)
+                return None
+        if failed:
             stall = time.monotonic() - started
             with self._lock:
                 self.failover.stall_seconds.append(stall)

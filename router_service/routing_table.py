@@ -23,9 +23,15 @@ class TableSnapshot:
         return self.replicas.get(group_id, ())
 
     @property
+    def needed_groups(self) -> list[int]:
+        """Groups that hold experts in this placement (a lost group that others cover holds none)."""
+        return [g for g in range(self.placement.num_groups)
+                if any(self.placement.experts_of(g, layer) for layer in range(self.placement.num_layers))]
+
+    @property
     def missing_groups(self) -> list[int]:
-        """Groups with no live replica: a layer that needs one of them must wait."""
-        return [g for g in range(self.placement.num_groups) if not self.replicas_of(g)]
+        """Groups that hold experts and have no live replica: a layer that needs one of them must wait."""
+        return [g for g in self.needed_groups if not self.replicas_of(g)]
 
 
 class RoutingTable:

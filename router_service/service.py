@@ -23,6 +23,18 @@ group that holds it.
                                    │ replicas extend                     table version + 1        replicas retain
                                    └── not held by all within switch_timeout_s: abandoned (logged)
 
+Lost groups. When a shard reports the last replica of a group dead, the group's experts would compute nowhere
+until a new replica has started and loaded them (seconds to tens of seconds of stalled layers). With
+`cover_lost_groups`, the service switches at once to a covering placement (`experts.cover`): the surviving
+groups take the lost group's experts, which they load in the background like a rebalance's, and the table
+switches once they hold them, typically within a second or two. The placement before the first loss is kept as
+*home*. When a replica of a lost group registers again (it loads its home experts at start: `placements`), the
+service switches back: to home once no group is lost, else to a cover of the groups still lost. Rebalancing
+waits while a group is covered. A switch in progress is replaced by the newer one (the replicas hold both sets
+until a switch settles, so nothing is dropped early), and placement versions never repeat.
+
+    home v0 ──group 1 lost──► cover v1 (pending ► active) ──a group 1 replica registers──► home as v2
+
 Refusal. With `ExpectedReplicas`, a replica that registers with a spec (directly, or again from a heartbeat) must
 have the model's hidden size, an allowed weight dtype, and at least the experts that the placement it says it
 holds gives its group (more is fine: during a switch it holds the old and the new ones). Otherwise `register`
@@ -30,6 +42,7 @@ raises `ReplicaRefused` naming the mismatch, the table stays as it was and servi
 last refusals.
 """
 
+import dataclasses
 import logging
 import threading
 import time
@@ -40,6 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from experts import eplb
+from experts.cover import cover
 from experts.placement import Placement
 from router_service.routing_table import RoutingTable, TableSnapshot
 from router_service.transport import ReplicaInfo, ReplicaSpec
@@ -56,6 +70,7 @@ class RebalancePolicy:
     min_gain: float = 0.05  # periodic: least gain in mean balancedness worth moving experts for
     switch_timeout_s: float = 120.0  # a pending placement not held by every replica by then is abandoned
     settle_timeout_s: float = 30.0  # at most this long after a switch, replicas drop the old experts
+    cover_lost_groups: bool = True  # survivors take a group's experts when its last replica dies
 
 
 @dataclass(frozen=True)
@@ -138,6 +153,9 @@ class RouterService:
         self._holds: dict[str, int] = {}  # replica id -> placement version whose experts it holds
         self._shards: dict[str, float] = {}  # shard id -> when it last asked for the table
         self._pending: tuple[Placement, float] | None = None  # (placement, since)
+        self._version = placement.version  # the newest placement version planned: versions never repeat
+        self._lost: set[int] = set()  # groups whose experts the survivors cover
+        self._home: Placement | None = None  # the placement before the first loss, while a group is lost
         self._switched_at: float | None = None
         self._last_plan = self._started = clock()
         self.last_rebalance: dict | None = None
@@ -155,6 +173,8 @@ class RouterService:
             self._holds[info.replica_id] = self.table.placement.version if placement_version is None \
                 else placement_version
             self._beats[info.replica_id] = self.clock()
+            if info.group_id in self._lost:
+                self._recover(info.group_id)
         logger.info("replica %s of group %d registered (table v%d)", info.replica_id, info.group_id, version)
         return version
 
@@ -201,10 +221,13 @@ class RouterService:
             return {"placement": None if placement_version == target.version else target,
                     "settled": self._pending is None and self._settled()}
 
-    def placements(self) -> list[Placement]:
-        """What a starting replica loads: the active placement, then the pending one if a switch is under way."""
+    def placements(self, group_id: int | None = None) -> list[Placement]:
+        """What a starting replica of `group_id` loads: the active placement, its home one if the group is lost
+        (covered by others now, it is switched back once this replica registers), then the pending one if a
+        switch is under way."""
         with self._lock:
-            return [self.table.placement] + ([self._pending[0]] if self._pending else [])
+            return [self.table.placement] + ([self._home] if group_id in self._lost else []) + \
+                ([self._pending[0]] if self._pending else [])
 
     def report_failure(self, replica_id: str) -> None:
         """A shard could not reach a replica: drop it if its health check fails (a restart re-registers it)."""
@@ -215,13 +238,57 @@ class RouterService:
                 if self.table.get(replica_id) is info:  # not re-registered meanwhile
                     logger.warning("replica %s is dead; dropped from the routing table", replica_id)
                     self.table.deregister(replica_id)
+                    if not self.table.snapshot().replicas_of(info.group_id):
+                        self._cover(info.group_id)
+
+    # ---- lost groups ----
+
+    def _cover(self, group_id: int) -> None:
+        """The last replica of `group_id` died: switch to a placement where the survivors hold its experts."""
+        if not self.policy.cover_lost_groups or group_id in self._lost:
+            return
+        home = self._home or self.table.placement
+        covering = cover(home, self._lost | {group_id}, self._current_load(), self._version + 1)
+        if covering is None:
+            logger.warning("group %d lost its last replica and no other group is left to cover it", group_id)
+            return
+        self._lost.add(group_id)
+        self._home = home
+        logger.warning("group %d lost its last replica: groups %s take its experts (placement v%d)", group_id,
+                       sorted(set(range(home.num_groups)) - self._lost), covering.version)
+        self._switch(covering)
+
+    def _recover(self, group_id: int) -> None:
+        """A replica of a lost group registered: switch back to home, or to a cover of the groups still lost."""
+        self._lost.discard(group_id)
+        target = cover(self._home, self._lost, self._current_load(), self._version + 1)
+        logger.info("group %d is back: placement v%d %s", group_id, target.version,
+                    f"covers groups {sorted(self._lost)}" if self._lost else "is home again")
+        if not self._lost:
+            self._home = None
+        self._switch(target)
+
+    def _switch(self, placement: Placement) -> None:
+        """Make `placement` pending (replacing a switch in progress) and advance at once."""
+        now = self.clock()
+        if self._pending is not None:
+            logger.info("placement v%d replaced by v%d before every replica held it", self._pending[0].version,
+                        placement.version)
+        self._version = placement.version
+        self._pending = (placement, now)
+        self._advance(now)
+
+    def _current_load(self) -> torch.Tensor:
+        load = self._window_load(self.clock())
+        return load if int(load.sum()) else self._load.clone()
 
     def missing_groups(self) -> list[int]:
-        """Groups with no live replica now, for `/health`: none in the table, or none that heartbeated within
-        `heartbeat_timeout_s` (a stopped replica stays in the table until a shard fails on it)."""
+        """Groups that hold experts and have no live replica now, for `/health`: none in the table, or none that
+        heartbeated within `heartbeat_timeout_s` (a stopped replica stays in the table until a shard fails on
+        it). A lost group that the others cover is not missing."""
         with self._lock:
             snapshot = self.table.snapshot()
-            return [g for g in range(snapshot.placement.num_groups)
+            return [g for g in snapshot.needed_groups
                     if not any(self._live(r.replica_id) for r in snapshot.replicas_of(g))]
 
     def _live(self, replica_id: str) -> bool:
@@ -268,19 +335,20 @@ class RouterService:
         current = self.table.placement
         if self._pending is not None:
             return {**self._summary("pending", current, self._pending[0], self._window_load(now)),
-                    "message": "a rebalance is already under way"}
-        load = self._window_load(now)
-        if not int(load.sum()):
-            load = self._load.clone()
-        candidate = eplb.rebalance(load.tolist(), current)
+                    "message": "a placement switch is already under way"}
+        load = self._current_load()
+        if self._lost:
+            return {**self._summary("unchanged", current, current, load),
+                    "message": f"groups {sorted(self._lost)} lost every replica and are covered by the others; "
+                               "rebalancing waits until they are back"}
+        candidate = dataclasses.replace(eplb.rebalance(load.tolist(), current), version=self._version + 1)
         result = self._summary("unchanged", current, candidate, load)
         if not int(load.sum()):
             result["message"] = "no expert load recorded yet: shards report theirs once a second while serving"
         gain = result["balancedness_after"] - result["balancedness_before"]
         if result["moved"] and gain > 0 and gain >= min_gain:
-            self._pending = (candidate, now)
             result["status"] = "pending"
-            self._advance(now)
+            self._switch(candidate)
             result["status"] = "applied" if self._pending is None else "pending"
         logger.info("rebalance (%s): %s; balancedness %.3f -> %.3f, %d expert copies move (placement v%d)",
                     reason, result["status"], result["balancedness_before"], result["balancedness_after"],
@@ -298,14 +366,16 @@ class RouterService:
             self._pending, self._switched_at = None, now
             logger.info("placement v%d active (table v%d) after %.2f s", pending.version, self.table.version,
                         now - since)
-            if self.last_rebalance is not None:
-                self.last_rebalance["status"] = "applied"
+            self._mark_rebalance(pending, "applied")
         elif now - since > self.policy.switch_timeout_s:
             self._pending = None
             logger.warning("placement v%d abandoned: replicas %s did not load it within %.0f s",
                            pending.version, waiting, self.policy.switch_timeout_s)
-            if self.last_rebalance is not None:
-                self.last_rebalance["status"] = "abandoned"
+            self._mark_rebalance(pending, "abandoned")
+
+    def _mark_rebalance(self, placement: Placement, status: str) -> None:
+        if self.last_rebalance is not None and self.last_rebalance["placement_version"] == placement.version:
+            self.last_rebalance["status"] = status
 
     def _settled(self) -> bool:
         if self._switched_at is None:
@@ -354,6 +424,7 @@ class RouterService:
             pending = self._pending[0].version if self._pending else None
             last = dict(self.last_rebalance) if self.last_rebalance else None
             refused = [dict(r) for r in self._refused]
+            lost, home = sorted(self._lost), self._home.version if self._home else None
         placement = snapshot.placement
         window = load["window"]["per_layer_expert"]
         per_layer = placement.balancedness(window)
@@ -375,4 +446,5 @@ class RouterService:
                 "rebalance": {"enabled": policy.interval_s is not None, "interval_s": policy.interval_s,
                               "window_s": policy.window_s, "min_gain": policy.min_gain,
                               "pending_version": pending, "last": last},
+                "lost_groups": lost, "home_version": home,
                 "refused": refused}

@@ -25,7 +25,8 @@ build the group on that prefix. The header command LEAVE ends an epoch cleanly; 
 next epoch that lists them. A member that dies breaks the collective (gloo: "connection closed by peer", or
 the layer timeout). The shard drops the group, which breaks it for the survivors too, tells dead from alive
 by heartbeats (a counter each member bumps every `heartbeat_interval`; dead: it did not move for
-`heartbeat_timeout`), forms an epoch of the live members and redoes the layer. A send whose replica is gone
+`heartbeat_timeout`, or sooner, when the member's ExpertService endpoint refuses connections because its
+process is gone), forms an epoch of the live members and redoes the layer. A send whose replica is gone
 comes back as `ReplicaFailure`, and the caller re-sends it elsewhere (experts are pure). `last_stall_s` is
 how long that held the layer up.
 
@@ -55,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 from experts.expert_group import ExpertBatch
+from router_service.grpc_transport import refuses
 from router_service.transport import ReplicaFailure, ReplicaInfo
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ HEADER = 7  # header columns: command, layer_id, N, H, k, dtype index, row bytes
 OK, FAILED, NO_ANSWER = 0, 1, 255  # first byte of a reply's status row
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 POLL_S = 0.01  # store polling while an epoch forms (rare; never per layer)
+REFUSAL_CHECK_S = 0.3  # a member silent this long (its beat is every 0.25 s) has its endpoint checked
 
 
 def _seconds(s: float) -> datetime.timedelta:
@@ -207,12 +210,17 @@ class TorchTransport:
         return self._store.add(f"{self.session}/heartbeat/{rid}", 0)
 
     def _find_dead(self, rids: list[str]) -> list[str]:
-        """Alive: its counter moves within `heartbeat_timeout` by this process's clock (no clock skew)."""
-        start, alive = {rid: self._heartbeat(rid) for rid in rids}, set()
-        deadline = time.monotonic() + self.heartbeat_timeout
-        while len(alive) < len(rids) and time.monotonic() < deadline:
+        """Alive: its counter moves within `heartbeat_timeout` by this process's clock (no clock skew). Dead
+        sooner: one that has not beaten after `REFUSAL_CHECK_S` and whose ExpertService refuses connections."""
+        start, alive, gone = {rid: self._heartbeat(rid) for rid in rids}, set(), set()
+        began = time.monotonic()
+        checked = False
+        while len(alive) + len(gone) < len(rids) and time.monotonic() < began + self.heartbeat_timeout:
             time.sleep(POLL_S)
             alive.update(rid for rid in rids if rid not in alive and self._heartbeat(rid) != start[rid])
+            if not checked and time.monotonic() - began >= REFUSAL_CHECK_S:
+                checked, endpoints = True, {m.replica_id: m.endpoints.get("grpc") for m in self.members()}
+                gone = {rid for rid in rids if rid not in alive and endpoints.get(rid) and refuses(endpoints[rid])}
         return [rid for rid in rids if rid not in alive]
 
     def _run_round(self, exchange: dict[str, int], batches: list[ExpertBatch], results: list) -> None:
