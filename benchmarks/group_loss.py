@@ -1,10 +1,13 @@
 """The stall of running streams when every replica of one expert group is SIGKILLed, under Serve (CPU).
 
-    .venv/bin/python benchmarks/group_loss.py [--transports grpc,torch] [--period-s 10 1] [--json loss.json]
+    .venv/bin/python benchmarks/group_loss.py [--transports grpc,torch] [--cover off on] [--period-s 1]
+                                              [--json loss.json]
 
-For each transport and expert-group health-check period (`expert_groups.health_check.period_s`; 10 s is the
-default): deploy the tiny preset with 2 expert groups, group 0 with 2 replicas (`group_replicas: {0: {min: 2,
-max: 2}}`), on a local Ray started here (loopback ports). Run `--streams` streamed greedy completions once
+For each transport, with and without covering lost groups (`expert_groups.rebalance.cover_lost_groups`: off,
+the streams wait for Serve's replacement; on, group 1 takes group 0's experts until it is back): deploy the
+tiny preset with 2 expert groups, group 0 with 2 replicas (`group_replicas: {0: {min: 2, max: 2}}`), and the
+expert groups' health-check period `--period-s` (1 s, the default), on a local Ray started here (loopback
+ports). Run `--streams` streamed greedy completions once
 without a fault (the reference texts, and the longest gap between chunks without a fault), then `--kills` times:
 start the same streams, SIGKILL both replicas of ExpertGroup0 once every stream has had two chunks, and record
 per stream the longest gap between chunks (its stall). Every stream must complete with the reference text.
@@ -15,6 +18,8 @@ The stall, broken down (seconds after the kill), from two pollers running every 
 - `new actor`: the GCS lists a new actor of ExpertGroup0, in any state (Serve decided to replace them);
 - `alive`: that actor is ALIVE (its process runs; the deployment's constructor may still be loading);
 - `registered`: a new replica of group 0 is listed at `/v1/experts` (first, and both);
+- `covered`: the active placement gives group 0 no experts (group 1 holds them); `home`: it gives group 0
+  its experts again (cover on only);
 - `resumed`: the end of the streams' stalls (their first chunk after it; the median over streams).
 The shard's own account (`AttentionShard.failover_stats`): the longest MoE layer held up by the failover.
 Target: a stall of at most 3 s on the tiny preset. The pollers cost some CPU; the machine has 2 cores.
@@ -110,9 +115,11 @@ class Monitor:
         return {a["ActorID"]: a["State"] for a in actors().values()
                 if a["ActorClassName"] == f"ServeReplica:msem:{DEPLOYMENT}"}
 
+    def group(self) -> dict:
+        return httpx.get(f"http://127.0.0.1:{self.port}/v1/experts", timeout=10).json()["groups"][GROUP]
+
     def replicas(self) -> list[str]:
-        doc = httpx.get(f"http://127.0.0.1:{self.port}/v1/experts", timeout=10).json()
-        return [r["replica_id"] for r in doc["groups"][GROUP]["replicas"]]
+        return [r["replica_id"] for r in self.group()["replicas"]]
 
     def _see(self, name: str, seen: bool) -> None:
         if seen and name not in self.events:
@@ -126,10 +133,13 @@ class Monitor:
 
     def _poll_router(self) -> None:
         while not self.stop.wait(self.poll_s):
-            listed = set(self.replicas())
+            group = self.group()
+            listed = {r["replica_id"] for r in group["replicas"]}
             self._see("dropped", not listed & self.old_replicas)
             self._see("registered", bool(listed - self.old_replicas))
             self._see("both registered", len(listed - self.old_replicas) >= 2)
+            self._see("covered", not group["experts"])
+            self._see("home", "covered" in self.events and bool(group["experts"]))
 
     def start(self) -> None:
         self.threads = [threading.Thread(target=f, daemon=True) for f in (self._poll_gcs, self._poll_router)]
@@ -162,27 +172,29 @@ def layer_stalls() -> list[float]:
     return serve.get_deployment_handle("AttentionShard", "msem").failover_stats.remote().result()["stalls"]
 
 
-def run_config(args, transport: str, period_s: float) -> dict:
+def run_config(args, transport: str, cover: bool) -> dict:
     from ray import serve
 
     from tests.integration.serving import deploy_and_wait
 
+    period_s = args.period_s
     config = tiny_config(expert_groups={"transport": transport, "group_replicas": {GROUP: {"min": 2, "max": 2}},
-                                        "health_check": {"period_s": period_s}})
+                                        "health_check": {"period_s": period_s},
+                                        "rebalance": {"cover_lost_groups": cover}})
     deploy_and_wait(config, timeout=600)
     port, prompts = config.http_port, [f"Story {i}: once upon a time" for i in range(args.streams)]
     try:
         wait_for_group_replicas(port, 2)
         (reference, times, _) = asyncio.run(run_streams(port, prompts, args.max_tokens))
-        result = {"transport": transport, "period_s": period_s, "no_fault_gap_s": max(map(longest_gap, times)),
-                  "rounds": []}
+        result = {"transport": transport, "cover": cover, "period_s": period_s,
+                  "no_fault_gap_s": max(map(longest_gap, times)), "rounds": []}
         for k in range(args.kills):
             wait_for_group_replicas(port, 2)
             stalls_before = len(layer_stalls())
             monitor = Monitor(port, args.poll_s)
             monitor.start()
             outs, times, killed_at = asyncio.run(run_streams(port, prompts, args.max_tokens, kill_after_chunks=2))
-            monitor.wait_for("both registered", timeout=300)
+            monitor.wait_for("home" if cover else "both registered", timeout=300)
             resumed = statistics.median(gap_end(ts) for ts in times)
             stalls = [longest_gap(ts) for ts in times]
             round_ = {"stall_median_s": statistics.median(stalls), "stall_max_s": max(stalls), "stalls_s": stalls,
@@ -192,37 +204,43 @@ def run_config(args, transport: str, period_s: float) -> dict:
                       "resumed": resumed - killed_at,
                       **{name: t - killed_at for name, t in monitor.events.items()}}
             result["rounds"].append(round_)
-            log(f"  {transport} period {period_s} s, kill {k + 1}: " + ", ".join(
+            log(f"  {transport} cover {cover}, kill {k + 1}: " + ", ".join(
                 f"{key} {value:.2f}" for key, value in round_.items() if isinstance(value, float)))
         return result
     finally:
         serve.shutdown()
 
 
-STAGES = ["dropped", "new actor", "alive", "registered", "resumed", "both registered"]
+STAGES = ["dropped", "covered", "new actor", "alive", "registered", "resumed", "both registered", "home"]
 
 
 def report(results: list[dict], streams: int) -> None:
-    print("| transport | period_s | kill | stall median / max (s) | no-fault gap (s) | layer stall (s) | "
+    print("| transport | cover | kill | stall median / max (s) | no-fault gap (s) | layer stall (s) | "
           + " | ".join(f"{s} (s)" for s in STAGES) + " | identical |")
     print("|---" * (7 + len(STAGES)) + "|")
     for r in results:
         for k, x in enumerate(r["rounds"], 1):
             stages = " | ".join(f"{x[s]:.2f}" if s in x else "-" for s in STAGES)
-            print(f"| {r['transport']} | {r['period_s']:g} | {k} | {x['stall_median_s']:.2f} / "
+            print(f"| {r['transport']} | {'on' if r['cover'] else 'off'} | {k} | {x['stall_median_s']:.2f} / "
                   f"{x['stall_max_s']:.2f} | {r['no_fault_gap_s']:.2f} | {x['layer_stall_max_s']:.2f} | {stages} | "
                   f"{x['identical']}/{streams} |")
+    by_transport: dict[str, dict[bool, float]] = {}
     for r in results:
         worst = max(x["stall_max_s"] for x in r["rounds"])
-        print(f"{r['transport']}, period_s {r['period_s']:g}: max stall {worst:.2f} s "
+        by_transport.setdefault(r["transport"], {})[r["cover"]] = worst
+        print(f"{r['transport']}, cover {'on' if r['cover'] else 'off'}: max stall {worst:.2f} s "
               f"(target <= {TARGET_STALL_S:.0f} s: {'met' if worst <= TARGET_STALL_S else 'not met'})")
+    for transport, worst in by_transport.items():
+        if len(worst) == 2:
+            print(f"{transport}: max stall with cover / without: {worst[True] / worst[False]:.2f}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--transports", default="grpc,torch")
-    p.add_argument("--period-s", type=float, nargs="+", default=[10.0, 1.0],
-                   help="expert_groups.health_check.period_s values to run")
+    p.add_argument("--cover", nargs="+", choices=["off", "on"], default=["off", "on"],
+                   help="expert_groups.rebalance.cover_lost_groups values to run")
+    p.add_argument("--period-s", type=float, default=1.0, help="expert_groups.health_check.period_s")
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=160)
     p.add_argument("--kills", type=int, default=2, help="kill rounds per deployment")
@@ -238,9 +256,9 @@ def main() -> None:
     results = []
     try:
         for transport in args.transports.split(","):
-            for period_s in args.period_s:
-                log(f"deploying: transport {transport}, health_check.period_s {period_s}")
-                results.append(run_config(args, transport, period_s))
+            for cover in args.cover:
+                log(f"deploying: transport {transport}, cover_lost_groups {cover}")
+                results.append(run_config(args, transport, cover == "on"))
     finally:
         ray.shutdown()
     report(results, args.streams)
