@@ -99,6 +99,7 @@ class LayerPathStats:
 class FailoverStats:
     resent_batches: int = 0
     failed_sends: int = 0
+    replanned_layers: int = 0  # layers planned again under a placement that changed while they waited
     stall_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))  # per layer re-sent
 
 
@@ -157,7 +158,7 @@ class RemoteExperts:
         changed while sends were still unanswered (their groups may hold other experts now: plan again).
         `started`: when the layer began; `failed`: an earlier plan of it failed over already."""
         results: list[torch.Tensor | None] = [None] * len(sends)
-        pending, placement = list(range(len(sends))), self.table.placement
+        pending, version = list(range(len(sends))), self.table.placement.version
         while True:
             ready: list[tuple[int, ReplicaInfo]] = []
             try:
@@ -187,7 +188,9 @@ class RemoteExperts:
                 self._stats.failovers += len(pending)
             if all(self._pick(sends[i].group_id) is None for i in pending):
                 self._wait_for_change()
-            if self.table.placement is not placement:
+            if self.table.placement.version != version:
+                with self._lock:
+                    self.failover.replanned_layers += 1
                 logger.warning("expert failover: placement v%d in force; layer %d planned again",
                                self.table.placement.version, sends[0].batch.layer_id)
                 return None

@@ -16,7 +16,7 @@ from router_service.service import RebalancePolicy, RouterService
 from router_service.transport import ReplicaInfo
 from tests.conftest import same_greedy_outputs, small_llm
 from tests.unit.router_service.test_rebalance import SKEWED, Clock
-from tests.unit.router_service.test_remote_experts import GREEDY, PROMPTS, FlakyTransport
+from tests.unit.router_service.test_remote_experts import GREEDY, PROMPTS, FlakyTransport, over_the_wire
 
 
 def _service(dead: set[str], num_groups=4, **policy) -> tuple[RouterService, list[ReplicaInfo]]:
@@ -144,8 +144,9 @@ def covering_cluster(mixtral_dir):
     start("g0-r0", 0)
     start("g1-r0", 1)
     threading.Thread(target=beats, daemon=True).start()
-    client = RouterClient(service.get_table, service.report_failure, service.record_load)
-    backend = RemoteExperts(transport, client, failover_timeout=10.0, poll_interval=0.005)
+    client = RouterClient(lambda version: over_the_wire(service.get_table(version)), service.report_failure,
+                          service.record_load)
+    backend = RemoteExperts(transport, client, failover_timeout=10.0, poll_interval=0.005, refresh_interval=0.0)
     yield service, transport, backend, start, followers
     stop.set()
 
@@ -158,7 +159,8 @@ def test_a_lost_group_is_covered_mid_generation_without_changing_a_token(mixtral
     same_greedy_outputs(llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY), reference, tol=0.0)
     covering = service.table.placement
     assert covering.version == 1 and service.describe()["lost_groups"] == [1]
-    assert backend.failover.stall_seconds and backend.table.placement == covering  # planned again under it
+    assert backend.failover.stall_seconds and backend.table.placement == covering
+    assert backend.failover.replanned_layers == 1  # the waiting layer, planned again under the cover
     assert followers["g0-r0"].group.holds(0) == (0, 1, 2, 3)  # the survivor loaded group 1's experts
 
     start("g1-r1", 1, service.placements(1))  # Serve's replacement: it loads its home experts at start
