@@ -154,9 +154,18 @@ class AttentionShard:
             self.experts.flush_stats(due_only=True)
 
     async def stream(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                     resume: Resume | None = None) -> AsyncIterator[RequestOutput]:
+                     resume: Resume | None = None, every_step: bool = True) -> AsyncIterator[RequestOutput]:
+        """The request's deltas. Each one crosses to the caller as a message of its own (a Serve streaming
+        item), so without `every_step` (the caller reads the request whole) only the first delta goes at once
+        (the time to first token) and the rest follow merged into one at the end."""
+        held, tokens_sent = None, False  # deltas merged since the last one sent; whether a token went
         async for delta in self.llm.add_request(prompt_token_ids, params, request_id, resume=resume):
-            yield dataclasses.replace(delta, prompt_token_ids=[])  # the caller has them
+            delta = dataclasses.replace(delta, prompt_token_ids=[])  # the caller has them
+            if every_step or delta.finished or not tokens_sent:
+                yield delta if held is None else merge(held, delta)
+                held, tokens_sent = None, tokens_sent or any(o.token_ids for o in delta.outputs)
+            else:
+                held = merge(held, delta)
 
     async def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
         """Complete every prompt; outputs in input order."""

@@ -327,7 +327,7 @@ class ServeShards:
 
     async def stream(self, request: ShardRequest) -> AsyncIterator[RequestOutput]:
         response = self.handle.stream.remote(request.prompt_token_ids, request.params, request.request_id,
-                                              request.resume)
+                                              request.resume, request.every_step)
         try:
             async for delta in response:
                 yield delta

@@ -61,11 +61,13 @@ class ShardRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     resume: Resume | None = None
+    every_step: bool = True  # False: the client reads the request whole, so the shard sends less (see `Shards`)
 
 
 class Shards(Protocol):
     def stream(self, request: ShardRequest) -> AsyncIterator[RequestOutput]:
-        """The request's deltas; raises `ShardLost` if the shard dies, `EngineDeadError` if no shard can run."""
+        """The request's deltas; raises `ShardLost` if the shard dies, `EngineDeadError` if no shard can run.
+        Without `every_step`, a remote shard may send only the first delta and then the rest merged into one."""
 
     async def healthy(self) -> bool:
         """True when the shards can take requests."""
@@ -189,9 +191,11 @@ class Frontend:
 
     # ---- generation ----
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncGenerator[RequestOutput, None]:
-        """Validate, admit and run one request; yields deltas with the user's sample indices.
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       every_step: bool = True) -> AsyncGenerator[RequestOutput, None]:
+        """Validate, admit and run one request; yields deltas with the user's sample indices. `every_step`:
+        False when the caller only needs the whole output (a request that is not streamed): the deltas may then
+        come merged, two per shard leg (its first token, for the time to first token, and the rest).
 
         Raises `InvalidRequestError` or `OverloadedError` before the first delta. Closing the iterator (a
         client that disconnects, a deadline) aborts the request on its shard.
@@ -201,7 +205,8 @@ class Frontend:
         with self._admit(cost):
             timer = self.metrics.start(len(prompt_token_ids)) if self.metrics else None
             request_id = request_id or f"cmpl-{uuid.uuid4().hex}"
-            first = _Leg(ShardRequest(request_id, prompt_token_ids, params), list(range(params.n)))
+            first = _Leg(ShardRequest(request_id, prompt_token_ids, params, every_step=every_step),
+                         list(range(params.n)))
             try:
                 async with contextlib.aclosing(self._run(first, params.n)) as deltas:  # closing us stops the legs
                     async for delta in deltas:
@@ -329,7 +334,7 @@ class Frontend:
             one = dataclasses.replace(params, n=1, seed=params.sample_seed(leg_index), prompt_logprobs=None)
             resume = Resume(tuple(p.token_ids), p.num_chars) if p.token_ids else None
             legs.append(_Leg(ShardRequest(f"{request.request_id}.{user_index}r{self.num_resubmits}",
-                                          request.prompt_token_ids, one, resume), [user_index]))
+                                          request.prompt_token_ids, one, resume, request.every_step), [user_index]))
         return legs
 
 

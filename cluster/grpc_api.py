@@ -107,7 +107,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def _complete(self, ids: list[int], params: SamplingParams) -> pb.GenerateResponse:
         output = None
-        async with contextlib.aclosing(self.frontend.generate(ids, params)) as deltas:
+        async with contextlib.aclosing(self.frontend.generate(ids, params, every_step=False)) as deltas:
             async for delta in deltas:
                 output = merge(output, delta)
         assert output is not None and output.finished, "a request's stream ends with its finished delta"

@@ -199,7 +199,7 @@ class _Api:
         params = parsed.sampling_params(len(ids), frontend.max_model_len)
         request_id = f"{'chatcmpl' if parsed.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
         builder = ResponseBuilder(parsed, request_id, frontend.model_name)
-        deltas = frontend.generate(ids, params, request_id=request_id)
+        deltas = frontend.generate(ids, params, request_id=request_id, every_step=parsed.stream)
         if parsed.stream:
             first = await anext(deltas, None)  # bad input and overload raise here, before the status is sent
             return _EventStream(_events(first, deltas, builder, frontend.limits.retry_after_s))

@@ -58,6 +58,11 @@ def test_the_shard_builds_the_engine_it_is_given_with_the_compute_it_is_told():
         assert [o.outputs[0].token_ids for o in outs] == [[3, 4], [7]]
         deltas = [d async for d in shard.stream([5, 6], SamplingParams(), "r1")]
         assert [d.outputs[0].token_ids for d in deltas] == [[5], [6]] and deltas[0].prompt_token_ids == []
+        whole = [d async for d in shard.stream([5, 6, 7, 8], SamplingParams(), "r2", every_step=False)]
+        assert [d.outputs[0].token_ids for d in whole] == [[5], [6, 7, 8]]  # the first token, then the rest merged
+        assert [d.outputs[0].text for d in whole] == ["5", "678"] and whole[-1].finished
+        assert [len(d.outputs[0].token_ids) for d in [d async for d in shard.stream([9], SamplingParams(), "r3",
+                                                                                       every_step=False)]] == [1]
         assert shard.healthy()
         engine.dead = RuntimeError("boom")
         assert not shard.healthy()

@@ -34,11 +34,11 @@ class FlakyShards(LocalShards):
             yield delta
 
 
-def _collect(frontend: Frontend, params: SamplingParams, prompt: str = "The quick brown fox"):
+def _collect(frontend: Frontend, params: SamplingParams, prompt: str = "The quick brown fox", every_step=True):
     async def run():
         ids = frontend.encode(prompt)
         out, deltas = None, 0
-        async for delta in frontend.generate(ids, params):
+        async for delta in frontend.generate(ids, params, every_step=every_step):
             out, deltas = merge(out, delta), deltas + 1
         return out
     return asyncio.run(run())
@@ -62,6 +62,16 @@ def test_lost_shard_is_invisible_to_the_client(async_llm, params):
     resumed = flaky.requests[1]
     assert resumed.params.n == 1 and resumed.resume is not None and len(resumed.resume.token_ids) > 0
     assert frontend.num_requests == 0 and frontend.tokens_in_flight == 0
+
+
+def test_a_request_read_whole_tells_every_shard_leg_so(async_llm):
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    reference = _collect(make_frontend(async_llm), params)
+    flaky = FlakyShards(async_llm, failures=1, after=3)
+    out = _collect(Frontend("tiny", async_llm.tokenizer, async_llm.max_model_len, 32000, flaky), params,
+                   every_step=False)
+    assert out.outputs[0].token_ids == reference.outputs[0].token_ids
+    assert [r.every_step for r in flaky.requests] == [False, False]  # the first leg and the resumed one
 
 
 def test_gives_up_after_the_resume_timeout(async_llm):
