@@ -14,6 +14,8 @@ With a sliding window only the blocks the next query can see need to be at hand:
 are gone everywhere still hits, and only its window becomes resident.
 """
 
+import concurrent.futures
+
 from engine.block_pool import BlockPool
 from engine.kv_tiers import KVTiers
 from engine.request import Request
@@ -44,7 +46,8 @@ class KVCacheManager:
         A prefix of n blocks is usable when the blocks its next query can see are all at hand, in the pool or
         in host RAM: all n without a sliding window, the last few with one (`_first_visible`). Host blocks are
         copied into fresh pool blocks, when `FetchCost` says that beats recomputing them and the pool has room
-        left for the first chunk of the rest.
+        left for the first chunk of the rest; the copy runs off the engine thread, and the request waits for it
+        (`req.is_loading_kv`, then `finish_load`).
         """
         assert req.num_computed_tokens == 0 and not req.block_ids
         if not self.enable_prefix_caching or req.wants_prompt_logprobs:
@@ -71,18 +74,24 @@ class KVCacheManager:
             if pool_ids[i] is not None:
                 self.pool.touch(pool_ids[i])
         fresh = dict(zip(loads, self.pool.allocate(len(loads))))  # evictions go down to host RAM first
-        if fresh:
-            self.tiers.load(list(fresh.values()), [host[i] for i in fresh])
+        if fresh:  # copied while others step; named in the cache once done (`finish_load`)
+            self.tiers.load(req, list(fresh.values()), [host[i] for i in fresh], [hashes[i] for i in fresh])
         for i in range(n):
-            block_id = None if i < first else fresh.get(i, pool_ids[i])
-            if i in fresh:
-                self.pool.cache(block_id, hashes[i])
-            req.block_ids.append(block_id)
+            req.block_ids.append(None if i < first else fresh.get(i, pool_ids[i]))
             req.block_hashes.append(hashes[i])
         req.num_computed_tokens = n * self.block_size
         self.num_prefix_queries += req.num_tokens
         self.num_prefix_hits += req.num_computed_tokens
         return req.num_computed_tokens
+
+    def finish_load(self, req: Request) -> None:
+        """After a copy from host RAM into the request's blocks has ended: name the blocks in the prefix cache.
+        A failed copy raises here, on the engine thread."""
+        load, req.host_load = req.host_load, None
+        if load is not None:
+            load.done.result()
+            for block_id, block_hash in load.blocks:
+                self.pool.cache(block_id, block_hash)
 
     def _chunk_blocks(self, num_tokens: int) -> int:
         """Blocks the first chunk of `num_tokens` uncomputed tokens takes (loads leave room for it)."""
@@ -191,7 +200,11 @@ class KVCacheManager:
 
     def free(self, req: Request) -> None:
         """Return all of a request's blocks, tail first so its prefix stays cached longest; blocks it spilled
-        go to host RAM's cache (a preempted long request resumes from there)."""
+        go to host RAM's cache (a preempted long request resumes from there). A copy into its blocks still in
+        flight (an abort while it loads) is waited for first, and its blocks are not named in the cache."""
+        if req.host_load is not None:
+            concurrent.futures.wait([req.host_load.done])
+            req.host_load, req.is_loading_kv = None, False
         for i, block in req.host_blocks.items():
             self.spilled_bytes -= block.nbytes
             if i < len(req.block_hashes):

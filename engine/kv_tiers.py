@@ -9,8 +9,11 @@ lost and up when a request can use them:
   With T2, blocks reach the shared store by the write policy: "write-through" and "hit-twice" offer each
   block when it is computed (the store keeps only twice-offered blocks under "hit-twice"), so other shards
   can reuse it at once; "write-back" offers a block only when T1 evicts it.
-* up, T1: at admission the prefix may use T1's blocks where the pool lacks them; those blocks are copied
-  into fresh pool blocks (a host-to-device copy), synchronously: it is cheap and bounded by the prompt.
+* up, T1: at admission the prefix may use T1's blocks where the pool lacks them; those blocks are copied into
+  fresh pool blocks (host to device) on a copier thread (a side CUDA stream on GPUs), while the engine steps
+  the other requests. The request waits (`Request.is_loading_kv`) holding its blocks; they are named in the
+  prefix cache only once the copy is done (`HostLoad`), so no other request can read them half-written, and
+  freeing the request (an abort) first waits for its copy.
 * up, T2: when a request arrives, a loader thread asks the store for the chain's blocks past T0 and T1 and
   puts them in T1; the request waits (`Request.is_loading_kv`) while other requests keep stepping, then is
   admitted through the T1 path above. A store that is down or slow costs a miss (see `StoreClient`).
@@ -25,7 +28,8 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -37,14 +41,29 @@ from memory.tiered_store import WritePolicy
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class HostLoad:
+    """A copy from host RAM into a request's pool blocks, in flight: `blocks` are (pool block, name) pairs to
+    name in the prefix cache once `done` has finished."""
+
+    done: Future
+    blocks: list[tuple[int, bytes]]
+
+
 class KVTiers:
     def __init__(self, kv_cache: torch.Tensor, block_size: int, host: HostTier,
-                 store: StoreClient | None = None, write_policy: WritePolicy = "write-back"):
+                 store: StoreClient | None = None, write_policy: WritePolicy = "write-back",
+                 async_host_loads: bool = True):
+        """`async_host_loads` False copies T1 blocks on the engine thread (the baseline the prefix-reuse
+        benchmark compares with)."""
         self.kv_cache = kv_cache  # [L, 2, S, g, d], S = num_blocks * B
         self.block_size = block_size
         self.host, self.store, self.write_policy = host, store, write_policy
         self.cost = FetchCost(block_size)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="msem-kv-loader") if store is not None else None
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="msem-kv-copier")  # T1 -> pool
+        self.async_host_loads = async_host_loads
+        self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
         self.num_loaded = {"host": 0, "store": 0}  # blocks brought up per tier, since start
         self._loaded = threading.Event()
 
@@ -85,15 +104,41 @@ class KVTiers:
     def worth_loading(self, num_blocks: int) -> bool:
         return self.cost.blocks_worth_fetching("host", num_blocks) > 0
 
-    def load(self, block_ids: Sequence[int], blocks: Sequence[torch.Tensor]) -> None:
-        """Copy blocks taken from T1 (`host_blocks`) into pool blocks, timing the copy for `FetchCost`."""
-        start = time.perf_counter()
-        for block_id, block in zip(block_ids, blocks):
-            self.block(block_id).copy_(block, non_blocking=self.host.is_pinned)
-        if self.kv_cache.is_cuda:
-            torch.cuda.current_stream().synchronize()
-        self.cost.observe_fetch("host", len(blocks), time.perf_counter() - start)
-        self.num_loaded["host"] += len(blocks)
+    def load(self, req, block_ids: Sequence[int], blocks: Sequence[torch.Tensor], hashes: Sequence[bytes]) -> None:
+        """Copy blocks taken from T1 (`host_blocks`) into the request's fresh pool blocks `block_ids`, to be named
+        `hashes`, on the copier thread; the request waits (`req.is_loading_kv`) and holds `req.host_load` until
+        the engine takes it (`KVCacheManager.finish_load`). The copy is timed for `FetchCost`."""
+        after = None
+        if self._stream is not None:  # the side stream starts after what the engine queued (e.g. evictions)
+            after = torch.cuda.Event()
+            after.record()
+        req.is_loading_kv = True
+        if self.async_host_loads:
+            done = self._copier.submit(self._copy, req, list(block_ids), list(blocks), after)
+        else:
+            done = Future()
+            self._copy(req, list(block_ids), list(blocks), after)
+            done.set_result(None)
+        req.host_load = HostLoad(done, list(zip(block_ids, hashes)))
+
+    def _copy(self, req, block_ids: list[int], blocks: list[torch.Tensor], after) -> None:
+        try:
+            start = time.perf_counter()
+            if self._stream is None:  # one op: the thread needs the GIL once, not once per block
+                bs = self.block_size
+                slots = torch.cat([torch.arange(b * bs, (b + 1) * bs) for b in block_ids])
+                self.kv_cache.index_copy_(2, slots, torch.cat(blocks, dim=2))
+            else:
+                with torch.cuda.stream(self._stream):
+                    self._stream.wait_event(after)
+                    for block_id, block in zip(block_ids, blocks):
+                        self.block(block_id).copy_(block, non_blocking=self.host.is_pinned)
+                self._stream.synchronize()
+            self.cost.observe_fetch("host", len(blocks), time.perf_counter() - start)
+            self.num_loaded["host"] += len(blocks)
+        finally:
+            req.is_loading_kv = False
+            self._loaded.set()
 
     def prefetch(self, req, hashes: Sequence[bytes]) -> None:
         """Bring `hashes` (blocks the request could use that T0 and T1 lack, in order) from T2 into T1 on the
@@ -138,6 +183,7 @@ class KVTiers:
                 "cost": self.cost.describe()}
 
     def close(self) -> None:
+        self._copier.shutdown(wait=True)  # a copy writes into the pool: let it end
         if self._loader is not None:
             self._loader.shutdown(wait=False, cancel_futures=True)
         if self.store is not None:

@@ -37,7 +37,8 @@ class Request:
     block_ids: list[int | None] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # names of the leading full blocks
     host_blocks: dict[int, torch.Tensor] = field(default_factory=dict)  # spilled to host RAM, by block index
-    is_loading_kv: bool = False  # its prefix is being fetched from the shared memory store: not admitted yet
+    is_loading_kv: bool = False  # its prefix is on its way (from the memory store, or host RAM): not admitted yet
+    host_load: object | None = None  # `kv_tiers.HostLoad`: a copy from host RAM into its blocks, until taken
     num_cached_prefix_tokens: int = 0  # prompt tokens served by the prefix cache at admission
     num_preemptions: int = 0
     first_sibling: "Request | None" = None  # sample 0 of the same user request, for samples 1..n-1

@@ -104,9 +104,12 @@ class Scheduler:
             if not self._sibling_ready(req):
                 continue  # it will share the first sample's prompt blocks once they are computed
             if req.is_loading_kv:
-                continue  # its prefix is on its way from the memory store; others run meanwhile
+                continue  # its prefix is on its way (memory store, host RAM); others run meanwhile
             if req.num_computed_tokens == 0:
                 self.kv.match_prefix(req)
+                if req.is_loading_kv:
+                    continue  # its prefix blocks are being copied from host RAM; admitted once they are in
+            self.kv.finish_load(req)  # a copy into its blocks has ended: name them in the prefix cache
             n = min(req.num_tokens - req.num_computed_tokens, budget, self.kv.max_chunk_tokens or budget)
             self.kv.release_out_of_window(req)
             # alone, a long request spills its own prefix blocks: nothing else would ever free a block for it

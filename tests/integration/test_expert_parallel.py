@@ -96,7 +96,7 @@ def test_killing_a_replica_mid_batch_loses_nothing(ray_cluster, mixtral_dir, ref
         # ray: a call to the dead actor either fails (and is re-sent) or waits for Ray's restart of it
 
 
-def test_a_lone_replica_is_restarted_and_waited_for(ray_cluster, mixtral_dir, reference):
+def test_a_lone_replica_is_covered_by_the_other_group_until_ray_restarts_it(ray_cluster, mixtral_dir, reference):
     config = ExpertParallelConfig(2, "ray", "linear", 1, failover_timeout=120)
     with small_llm(mixtral_dir, expert_parallel=config) as llm:
         first_pid = info(llm, "g1-r0")["pid"]
@@ -104,7 +104,14 @@ def test_a_lone_replica_is_restarted_and_waited_for(ray_cluster, mixtral_dir, re
         outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
         assert killed
         same_greedy_outputs(outs, reference, tol=1e-5)
-        assert info(llm, "g1-r0")["pid"] != first_pid  # Ray restarted it and it served again
+        router = llm.expert_runtime.router
+        assert ray_cluster.get(router.describe.remote())["placement_version"] >= 1  # group 0 covered group 1
+        deadline = time.monotonic() + 120  # Ray restarts it; it registers and the home placement returns
+        while (doc := ray_cluster.get(router.describe.remote()))["lost_groups"] or doc["placement_version"] < 2:
+            assert time.monotonic() < deadline, f"group 1 never came back: {doc['lost_groups']}"
+            time.sleep(0.2)
+        assert doc["groups"][1]["experts"] == [2, 3] and info(llm, "g1-r0")["pid"] != first_pid
+        same_greedy_outputs(llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY), reference, tol=1e-5)
 
 
 @pytest.mark.parametrize("transport", ["ray", "torch"])

@@ -111,6 +111,13 @@ def test_killed_replica_mid_stream_loses_nothing(app, reference, deployment):
     assert (text, finish) == (reference("Once upon a time", 120), "length")
     after = replica_pids(deployment)
     assert after and not set(after) & set(before)  # Serve replaced the replica
+    if deployment == "ExpertGroup0":  # its only replica: group 1 covered its experts, until the replacement came
+        deadline = time.monotonic() + 120
+        while (doc := httpx.get(f"http://127.0.0.1:{app.http_port}/v1/experts").json())["lost_groups"] or \
+                doc["groups"][0]["experts"] != [0, 1, 2, 3]:
+            assert time.monotonic() < deadline, f"group 0 never came home: {doc['lost_groups']}"
+            time.sleep(0.2)
+        assert doc["placement_version"] >= 2  # the cover, then home again
 
 
 @EDGE

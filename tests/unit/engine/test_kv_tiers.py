@@ -1,5 +1,8 @@
 """The host-RAM tier (T1) under the device pool: every path gives the output of an engine without it."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -14,9 +17,14 @@ SEEDED = SamplingParams(max_tokens=16, temperature=0.9, seed=7, ignore_eos=True,
 SHARED = prompts(1, seed=11, lo=64, hi=64)[0]  # four full blocks
 
 
-def tiered(path, host_blocks: int = 64, pool_blocks: int = 12, **kw):
-    return small_llm(path, kv_cache_memory=BLOCK_BYTES * pool_blocks, max_model_len=128,
-                     host_kv_cache_memory=BLOCK_BYTES * host_blocks, **kw)
+def tiered(path, host_blocks: int = 64, pool_blocks: int = 12, free_reads: bool = True, **kw):
+    """An engine with a host tier. With `free_reads` its reads are measured as free: most tests here are about
+    equivalence, so each takes the load paths it means to, whatever a copy costs on a busy machine."""
+    llm = small_llm(path, kv_cache_memory=BLOCK_BYTES * pool_blocks, max_model_len=128,
+                    host_kv_cache_memory=BLOCK_BYTES * host_blocks, **kw)
+    for n in range(1, 33) if free_reads else ():
+        llm.engine.tiers.cost.observe_fetch("host", n, 0.0)
+    return llm
 
 
 def evict_device_pool(llm) -> None:
@@ -100,7 +108,7 @@ def test_with_a_sliding_window_only_the_window_is_loaded(mixtral_dir):
 
 
 def test_a_tier_slower_than_recomputing_is_not_read(mixtral_full_dir):
-    llm = tiered(mixtral_full_dir)
+    llm = tiered(mixtral_full_dir, free_reads=False)
     llm.generate(prompt_token_ids=[SHARED + [5]], sampling_params=GREEDY)
     evict_device_pool(llm)
     cost = llm.engine.tiers.cost
@@ -109,3 +117,61 @@ def test_a_tier_slower_than_recomputing_is_not_read(mixtral_full_dir):
     loaded = llm.engine.tiers.num_loaded["host"]
     got = llm.generate(prompt_token_ids=[SHARED + [7]], sampling_params=GREEDY)
     assert got[0].num_cached_tokens == 0 and llm.engine.tiers.num_loaded["host"] == loaded
+
+
+def _held_copy(llm):
+    """Make the tiers' copies from host RAM wait for `go.set()`; -> (go, started): set when a copy begins."""
+    tiers, go, started = llm.engine.tiers, threading.Event(), threading.Event()
+    copy = tiers._copy
+
+    def held(*args):
+        started.set()
+        assert go.wait(30), "the test never let the copy go"
+        copy(*args)
+
+    tiers._copy = held
+    return go, started
+
+
+def test_other_requests_step_while_a_prefix_is_copied_from_host_ram(mixtral_full_dir, cold):
+    llm = tiered(mixtral_full_dir)
+    llm.generate(prompt_token_ids=[SHARED + [5]], sampling_params=GREEDY)
+    evict_device_pool(llm)
+    go, started = _held_copy(llm)
+    engine, other = llm.engine, prompts(1, seed=21, lo=20, hi=20)[0]
+    loaded = engine.tiers.num_loaded["host"]
+    engine.add_request("other", other, GREEDY)
+    engine.add_request("shared", SHARED + [7], GREEDY)
+    outputs: dict[str, list[int]] = {"other": [], "shared": []}
+    for _ in range(6):  # the shared prefix's copy is held: the other request decodes meanwhile
+        for out in engine.step():
+            outputs[out.request_id] += out.outputs[0].token_ids
+    assert started.is_set() and len(outputs["other"]) >= 5 and outputs["shared"] == []
+    (loading,) = [r for r in engine.scheduler.waiting if r.request_id.startswith("shared")]
+    assert loading.is_loading_kv and all(engine.scheduler.kv.pool.lookup(h) is None for h in loading.block_hashes)
+    go.set()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] += out.outputs[0].token_ids
+    want = cold.generate(prompt_token_ids=[other, SHARED + [7]], sampling_params=GREEDY)
+    assert [outputs["other"], outputs["shared"]] == [w.outputs[0].token_ids for w in want]
+    assert engine.tiers.num_loaded["host"] - loaded == 4  # SHARED's four blocks
+
+
+def test_an_abort_while_the_prefix_is_copied_waits_for_the_copy_and_names_nothing(mixtral_full_dir):
+    llm = tiered(mixtral_full_dir)
+    llm.generate(prompt_token_ids=[SHARED + [5]], sampling_params=GREEDY)
+    evict_device_pool(llm)
+    go, started = _held_copy(llm)
+    engine, kv = llm.engine, llm.engine.scheduler.kv
+    engine.add_request("shared", SHARED + [7], GREEDY)
+    engine.step()
+    assert started.wait(10)
+    (loading,) = engine.scheduler.waiting
+    hashes = list(loading.block_hashes)
+    threading.Timer(0.2, go.set).start()
+    began = time.monotonic()
+    assert engine.abort_request("shared")
+    assert time.monotonic() - began >= 0.15  # it waited for the copy before giving the blocks back
+    assert kv.pool.num_free == kv.pool.num_blocks and all(kv.pool.lookup(h) is None for h in hashes)
+    assert not engine.has_unfinished_requests()
