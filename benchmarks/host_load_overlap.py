@@ -4,12 +4,13 @@ vs on the copier thread, side by side in one run.
     .venv/bin/python benchmarks/host_load_overlap.py [--model bench] [--prefix-tokens 4096] [--rounds 3]
                                                       [--json out.json]
 
-One in-process engine (fp32) with a host tier. Each round, for each mode (`async_host_loads` off: the copy runs
-on the engine thread, as before; on: on the copier thread): `--decoders` requests decode; a request whose
+One in-process engine (fp32) with a host tier. Each round, for each mode of `KVTiers.host_loads` ("inline": the
+copy runs on the engine thread; "async": on the copier thread; "auto", the default: async only when the copy is
+predicted to outlast half a step): `--decoders` requests decode; a request whose
 `--prefix-tokens` prefix was pushed from the device pool to host RAM arrives; the steps go on until it has its
 first token. Recorded: the longest step the decoding requests waited for (their stall) against the median
-decode step before the arrival, and the arriving request's time to first token. The modes alternate within
-each round, so drifting machine load touches both alike.
+decode step before the arrival, and the arriving request's time to first token. The order of the modes
+rotates from round to round, so drifting machine load touches them alike.
 """
 
 import argparse
@@ -74,25 +75,24 @@ def main() -> None:
     p.add_argument("--prefix-tokens", type=int, default=4096)
     p.add_argument("--kv-bytes-per-token", type=int, default=8 << 10, help="the model's KV bytes per token")
     p.add_argument("--decoders", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every mode once")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     prefix_bytes = args.prefix_tokens * args.kv_bytes_per_token
     llm = LLM(args.model, dtype="float32", max_model_len=args.prefix_tokens + 64,
               kv_cache_memory=int(1.6 * prefix_bytes), host_kv_cache_memory=4 * prefix_bytes, progress=False)
     tiers, rng = llm.engine.tiers, random.Random(0)
-    for n in range(1, 33):  # measured as free: every round takes the host path, in both modes
-        tiers.cost.observe_fetch("host", n, 0.0)
-    one_round(llm, rng, args)  # warm-up
-    results = {"sync": [], "async": []}
+    one_round(llm, rng, args)  # warm-up; its copy is measured, and so is every later one
+    modes = ["inline", "async", "auto"]
+    results = {mode: [] for mode in modes}
     for r in range(args.rounds):
-        for mode in ("sync", "async") if r % 2 == 0 else ("async", "sync"):
-            tiers.async_host_loads = mode == "async"
+        for mode in modes[r % 3:] + modes[:r % 3]:
+            tiers.host_loads = mode
             results[mode].append(one_round(llm, rng, args))
             log(f"round {r + 1} {mode}: " + ", ".join(f"{k} {v:.1f}" for k, v in results[mode][-1].items()))
     llm.shutdown()
-    print(f"| copy from host RAM | decode step before (ms) | longest step while loading (ms) | stall / decode step "
-          f"| TTFT of the T1 request (ms) |")
+    print("| host_loads | decode step before (ms) | longest step while loading (ms) | longest / decode step "
+          "| TTFT of the T1 request (ms) |")
     print("|---|---|---|---|---|")
     summary = {}
     for mode, rounds in results.items():
@@ -100,11 +100,10 @@ def main() -> None:
         longest = statistics.median(x["longest_step_ms"] for x in rounds)
         ttft = statistics.median(x["ttft_ms"] for x in rounds)
         summary[mode] = {"decode_step_ms": step, "longest_step_ms": longest, "ttft_ms": ttft}
-        where = "engine thread" if mode == "sync" else "copier thread"
-        print(f"| {where} | {step:.1f} | {longest:.1f} | {longest / step:.1f}x | {ttft:.0f} |")
-    print(f"longest step, copier / engine thread: "
-          f"{summary['async']['longest_step_ms'] / summary['sync']['longest_step_ms']:.2f}; "
-          f"TTFT: {summary['async']['ttft_ms'] / summary['sync']['ttft_ms']:.2f} (medians of {args.rounds} rounds)")
+        print(f"| {mode} | {step:.1f} | {longest:.1f} | {longest / step:.1f}x | {ttft:.0f} |")
+    for mode in ("async", "auto"):
+        print(f"{mode} / inline: longest step {summary[mode]['longest_step_ms'] / summary['inline']['longest_step_ms']:.2f}, "
+              f"TTFT {summary[mode]['ttft_ms'] / summary['inline']['ttft_ms']:.2f} (medians of {args.rounds} rounds)")
     print("command:", " ".join([".venv/bin/python", "benchmarks/host_load_overlap.py", *sys.argv[1:]]))
     if args.json:
         args.json.write_text(json.dumps({"rounds": results, "summary": summary}, indent=2))

@@ -10,10 +10,14 @@ lost and up when a request can use them:
   block when it is computed (the store keeps only twice-offered blocks under "hit-twice"), so other shards
   can reuse it at once; "write-back" offers a block only when T1 evicts it.
 * up, T1: at admission the prefix may use T1's blocks where the pool lacks them; those blocks are copied into
-  fresh pool blocks (host to device) on a copier thread (a side CUDA stream on GPUs), while the engine steps
-  the other requests. The request waits (`Request.is_loading_kv`) holding its blocks; they are named in the
-  prefix cache only once the copy is done (`HostLoad`), so no other request can read them half-written, and
-  freeing the request (an abort) first waits for its copy.
+  fresh pool blocks (host to device). A long copy runs on a copier thread (a side CUDA stream on GPUs) while
+  the engine steps the other requests: the request waits (`Request.is_loading_kv`) holding its blocks, which
+  are named in the prefix cache only once the copy is done (`HostLoad`), so no other request can read them
+  half-written; freeing the request (an abort) first waits for its copy. Waiting costs the request the rest
+  of a step, so a short copy runs inline instead. `host_loads` "auto" decides per load: async when the copy,
+  predicted from the fitted host line (`FetchCost`), takes longer than half the engine's mean step; inline
+  when it is shorter or not measured yet. On CPU a copy is a memcpy (32 MiB in about 6 ms here) that also
+  competes with the step for the same cores, so it is nearly always inline (benchmarks/host_load_overlap.py).
 * up, T2: when a request arrives, a loader thread asks the store for the chain's blocks past T0 and T1 and
   puts them in T1; the request waits (`Request.is_loading_kv`) while other requests keep stepping, then is
   admitted through the T1 path above. A store that is down or slow costs a miss (see `StoreClient`).
@@ -30,6 +34,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -39,6 +44,7 @@ from memory.store_client import StoreClient
 from memory.tiered_store import WritePolicy
 
 logger = logging.getLogger(__name__)
+HostLoads = Literal["auto", "inline", "async"]
 
 
 @dataclass
@@ -53,16 +59,17 @@ class HostLoad:
 class KVTiers:
     def __init__(self, kv_cache: torch.Tensor, block_size: int, host: HostTier,
                  store: StoreClient | None = None, write_policy: WritePolicy = "write-back",
-                 async_host_loads: bool = True):
-        """`async_host_loads` False copies T1 blocks on the engine thread (the baseline the prefix-reuse
-        benchmark compares with)."""
+                 host_loads: HostLoads = "auto"):
+        """`host_loads`: how T1 blocks are copied into the pool: "auto" (see the module note), "inline" (on the
+        engine thread) or "async" (on the copier thread)."""
         self.kv_cache = kv_cache  # [L, 2, S, g, d], S = num_blocks * B
         self.block_size = block_size
         self.host, self.store, self.write_policy = host, store, write_policy
         self.cost = FetchCost(block_size)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="msem-kv-loader") if store is not None else None
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="msem-kv-copier")  # T1 -> pool
-        self.async_host_loads = async_host_loads
+        self.host_loads = host_loads
+        self.step_s: float | None = None  # the engine's mean step time (an exponential moving average)
         self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
         self.num_loaded = {"host": 0, "store": 0}  # blocks brought up per tier, since start
         self._loaded = threading.Event()
@@ -113,7 +120,7 @@ class KVTiers:
             after = torch.cuda.Event()
             after.record()
         req.is_loading_kv = True
-        if self.async_host_loads:
+        if self._copies_async(len(blocks)):
             done = self._copier.submit(self._copy, req, list(block_ids), list(blocks), after)
         else:
             done = Future()
@@ -121,13 +128,21 @@ class KVTiers:
             done.set_result(None)
         req.host_load = HostLoad(done, list(zip(block_ids, hashes)))
 
+    def _copies_async(self, num_blocks: int) -> bool:
+        if self.host_loads != "auto":
+            return self.host_loads == "async"
+        predicted = self.cost.fetch_seconds("host", num_blocks)
+        return predicted is not None and self.step_s is not None and predicted > self.step_s / 2
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_s = seconds if self.step_s is None else self.step_s + 0.2 * (seconds - self.step_s)
+
     def _copy(self, req, block_ids: list[int], blocks: list[torch.Tensor], after) -> None:
         try:
             start = time.perf_counter()
-            if self._stream is None:  # one op: the thread needs the GIL once, not once per block
-                bs = self.block_size
-                slots = torch.cat([torch.arange(b * bs, (b + 1) * bs) for b in block_ids])
-                self.kv_cache.index_copy_(2, slots, torch.cat(blocks, dim=2))
+            if self._stream is None:
+                for block_id, block in zip(block_ids, blocks):
+                    self.block(block_id).copy_(block)
             else:
                 with torch.cuda.stream(self._stream):
                     self._stream.wait_event(after)

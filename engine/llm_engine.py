@@ -182,9 +182,11 @@ class LLMEngine:
             return []
         start = time.perf_counter()
         result = self.runner.execute(batch)
-        prefill = sum(c.num_tokens for c in batch.chunks if c.num_tokens > 1)
-        if self.tiers is not None and prefill >= max(self.config.block_size, batch.num_tokens // 2):
-            self.tiers.observe_compute(batch.num_tokens, time.perf_counter() - start)  # what a load saves
+        prefill, seconds = sum(c.num_tokens for c in batch.chunks if c.num_tokens > 1), time.perf_counter() - start
+        if self.tiers is not None:
+            self.tiers.observe_step(seconds)  # what waiting for an asynchronous load costs a request
+            if prefill >= max(self.config.block_size, batch.num_tokens // 2):
+                self.tiers.observe_compute(batch.num_tokens, seconds)  # what a load saves
         self.scheduler.update(batch)
         return self._apply(batch.chunks, result)
 

@@ -55,6 +55,11 @@ class FetchCost:
         slope = max(0.0, sum((n - mean_n) * (s - mean_s) for n, s in reads) / spread)
         return max(0.0, mean_s - slope * mean_n), slope
 
+    def fetch_seconds(self, tier: str, num_blocks: int) -> float | None:
+        """The fitted time to read `num_blocks` from `tier`; None before two reads."""
+        line = self.fetch_line(tier)
+        return None if line is None else line[0] + num_blocks * line[1]
+
     def blocks_worth_fetching(self, tier: str, num_blocks: int) -> int:
         line, per_token = self.fetch_line(tier), self.compute_s_per_token
         if num_blocks <= 0 or line is None or per_token is None:

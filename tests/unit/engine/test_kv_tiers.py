@@ -18,10 +18,13 @@ SHARED = prompts(1, seed=11, lo=64, hi=64)[0]  # four full blocks
 
 
 def tiered(path, host_blocks: int = 64, pool_blocks: int = 12, free_reads: bool = True, **kw):
-    """An engine with a host tier. With `free_reads` its reads are measured as free: most tests here are about
-    equivalence, so each takes the load paths it means to, whatever a copy costs on a busy machine."""
+    """An engine with a host tier whose copies into the pool run on the copier thread (the path with more to go
+    wrong; "auto" would copy these small prefixes inline). With `free_reads` its reads are measured as free:
+    most tests here are about equivalence, so each takes the load paths it means to, whatever a copy costs on a
+    busy machine."""
     llm = small_llm(path, kv_cache_memory=BLOCK_BYTES * pool_blocks, max_model_len=128,
                     host_kv_cache_memory=BLOCK_BYTES * host_blocks, **kw)
+    llm.engine.tiers.host_loads = "async"
     for n in range(1, 33) if free_reads else ():
         llm.engine.tiers.cost.observe_fetch("host", n, 0.0)
     return llm
@@ -175,3 +178,28 @@ def test_an_abort_while_the_prefix_is_copied_waits_for_the_copy_and_names_nothin
     assert time.monotonic() - began >= 0.15  # it waited for the copy before giving the blocks back
     assert kv.pool.num_free == kv.pool.num_blocks and all(kv.pool.lookup(h) is None for h in hashes)
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("mode", ["inline", "async"])
+def test_inline_and_async_copies_give_the_same_answers(mixtral_full_dir, cold, mode):
+    llm = tiered(mixtral_full_dir)
+    llm.engine.tiers.host_loads = mode
+    llm.generate(prompt_token_ids=[SHARED + [5]], sampling_params=GREEDY)
+    evict_device_pool(llm)
+    got = llm.generate(prompt_token_ids=[SHARED + [7, 8, 9], SHARED + [10]], sampling_params=SEEDED)
+    assert [o.num_cached_tokens for o in got] == [64, 64]
+    same(got, cold.generate(prompt_token_ids=[SHARED + [7, 8, 9], SHARED + [10]], sampling_params=SEEDED))
+
+
+def test_auto_copies_async_only_when_the_copy_outlasts_half_a_step(mixtral_full_dir):
+    tiers = tiered(mixtral_full_dir, free_reads=False).engine.tiers
+    tiers.host_loads = "auto"
+    assert not tiers._copies_async(64)  # nothing measured yet: inline
+    for n, seconds in ((1, 0.011), (4, 0.014)):  # fitted: 10 ms + 1 ms a block
+        tiers.cost.observe_fetch("host", n, seconds)
+    tiers.step_s = None
+    for _ in range(3):
+        tiers.observe_step(0.040)
+    assert tiers.step_s == pytest.approx(0.040)
+    assert not tiers._copies_async(8)  # 18 ms < 20 ms
+    assert tiers._copies_async(16)  # 26 ms > 20 ms
