@@ -41,8 +41,11 @@ def test_plain_config_file_and_defaults(tmp_path):
     ({"memory": {"host_bytes": -1}}, "memory.host_bytes"),
     ({"memory": {"store": {"timeout_s": 0}}}, "memory.store.timeout_s"),
     ({"attention": {"routing": {"policy": "round-robin"}}}, "attention.routing.policy"),
+    ({"expert_groups": {"rebalance": {"cover_lost_groups": "sometimes"}}},
+     "expert_groups.rebalance.cover_lost_groups"),
 ], ids=["typo", "bounds", "unknown-group", "transport", "port", "limits", "redundant-slots", "min-gain",
-        "rebalance-typo", "health-check", "write-policy", "host-bytes", "store-timeout", "routing-policy"])
+        "rebalance-typo", "health-check", "write-policy", "host-bytes", "store-timeout", "routing-policy",
+        "cover"])
 def test_bad_configs_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config(data)
