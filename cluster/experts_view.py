@@ -95,6 +95,9 @@ def _header(info: dict, url: str) -> Text:
     if rebalance.get("pending_version") is not None:
         text.append(f"\nplacement v{rebalance['pending_version']} pending: the group replicas are loading its experts")
     text.append(f"\nlast rebalance: {describe_rebalance(rebalance['last']) if rebalance['last'] else 'never'}")
+    if info.get("lost_groups"):
+        text.append(f"\ngroups {info['lost_groups']} lost every replica: the other groups serve their experts until "
+                    f"a replica is back (then placement v{info['home_version']}'s slots return)", style="red")
     return text
 
 

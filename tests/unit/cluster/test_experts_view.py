@@ -99,6 +99,19 @@ def test_view_reads_what_the_router_describes():
     assert "placement v1" in text and "+" in text  # the hot expert got a copy
 
 
+def test_view_of_a_covered_group():
+    from router_service.transport import ReplicaInfo
+
+    service = RouterService(make_placement(4, 2, 2, "linear"), is_alive=lambda info: info.group_id == 0)
+    for g in (0, 1):
+        service.register(ReplicaInfo(f"g{g}", g))
+    service.report_failure("g1")  # its last replica: group 0 covers it once it holds experts 2 and 3
+    service.heartbeat(ReplicaInfo("g0", 0), 0, 1)
+    text = text_of(render(json.loads(json.dumps(service.describe()))))
+    assert "groups [1] lost every replica" in text and "placement v0's slots return" in text
+    assert any(line.split()[:2] == ["1", "none"] and "· · · ·" in line for line in text.splitlines())  # nor slots
+
+
 def test_idle_window_falls_back_to_totals():
     text = text_of(render(sample_info(window_load=[[0] * 4] * 3)))
     assert "since start (120 s; nothing routed in the last 30 s)" in text
