@@ -126,7 +126,6 @@ def test_detach_leaves_the_application_running(monkeypatch, restore_signals):
 
 
 def test_leftover_processes_are_terminated_then_killed():
-    import ray  # noqa: F401 - puts Ray's psutil on sys.path
     import psutil
 
     from cluster.serve_command import _terminate
