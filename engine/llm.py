@@ -4,6 +4,9 @@
     llm = LLM(model="tiny")
     out = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0))
     print(out[0].outputs[0].text)
+
+A prompt is text, a list of token ids, or one of vLLM's prompt dicts: `{"prompt": "Hello"}` or
+`{"prompt_token_ids": [1, 22557]}` (with an optional "prompt" beside the ids, reported back as the text).
 """
 
 import itertools
@@ -23,7 +26,17 @@ from mistral.moe import ExpertBackend
 from mistral.presets import resolve_model
 from mistral.weights import load_model
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | dict
+PROMPT_KEYS = ("prompt", "prompt_token_ids")  # the vLLM prompt-dict keys msem takes
+
+
+def _token_ids(ids) -> list[int]:
+    if isinstance(ids, (str, bytes, bytearray, dict)) or not isinstance(ids, Sequence):
+        raise TypeError(f"a prompt is text, a list of token ids or a prompt dict; got {type(ids).__name__}")
+    bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)), None)
+    if bad is not None:
+        raise TypeError(f"token ids are ints; got {type(bad).__name__} {bad!r}")
+    return list(ids)
 
 
 def resolve_device_dtype(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
@@ -90,13 +103,17 @@ class LLM:
                  prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
         """Complete each prompt (text, or token ids via `prompt_token_ids`); outputs in input order."""
         if prompt_token_ids is not None:
-            items = [(None, list(ids)) for ids in prompt_token_ids]
-        elif isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            items = [(None, _token_ids(ids)) for ids in prompt_token_ids]
+        elif isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts and
+                                                  isinstance(prompts[0], int)):
             items = [self._encode(prompts)]
-        elif prompts:
+        elif isinstance(prompts, Sequence) and not isinstance(prompts, (bytes, bytearray)) and prompts:
             items = [self._encode(p) for p in prompts]
-        else:
+        elif prompts is None or isinstance(prompts, Sequence) and not isinstance(prompts, (bytes, bytearray)):
             raise InvalidRequestError("no prompts given: pass prompts or prompt_token_ids", param="prompt")
+        else:
+            raise TypeError(f"prompts must be text, token ids, a prompt dict or a list of them; got "
+                            f"{type(prompts).__name__}")
         return self._run(items, sampling_params)
 
     def chat(self, messages: list[dict] | Sequence[list[dict]],
@@ -120,9 +137,20 @@ class LLM:
             self.engine.abort_request(request_id)
 
     def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """-> (text, token ids) of one prompt; a `TypeError` names what is not a prompt."""
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
-        return None, list(prompt)
+        if isinstance(prompt, dict):
+            unknown = sorted(str(k) for k in prompt if k not in PROMPT_KEYS)
+            if unknown or not prompt:
+                raise TypeError(f"a prompt dict takes {' and/or '.join(PROMPT_KEYS)}; got keys {unknown or '[]'}")
+            text = prompt.get("prompt")
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"a prompt dict's 'prompt' is text; got {type(text).__name__}")
+            if "prompt_token_ids" in prompt:
+                return text, _token_ids(prompt["prompt_token_ids"])
+            return text, self.tokenizer.encode(text)
+        return None, _token_ids(prompt)
 
     def _run(self, items: list[tuple[str | None, list[int]]],
              params: SamplingParams | Sequence[SamplingParams] | None) -> list[RequestOutput]:

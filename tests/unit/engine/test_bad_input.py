@@ -49,6 +49,35 @@ def test_token_ids_outside_the_vocabulary(mixtral_dir):
         llm.generate(prompt_token_ids=[[1, 600]])
 
 
+def test_vllm_prompt_dicts_are_prompts(tiny_llm):
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    ids = tiny_llm.tokenizer.encode("Hello there")
+    want = tiny_llm.generate(prompt_token_ids=[ids], sampling_params=greedy)[0].outputs[0].token_ids
+    outs = tiny_llm.generate([{"prompt_token_ids": ids}, {"prompt": "Hello there"},
+                              {"prompt": "Hello there", "prompt_token_ids": ids}], greedy)
+    assert [o.outputs[0].token_ids for o in outs] == [want] * 3
+    assert [o.prompt for o in outs] == [None, "Hello there", "Hello there"]
+    single = tiny_llm.generate({"prompt_token_ids": ids}, greedy)  # one dict, not a list of them
+    assert single[0].outputs[0].token_ids == want
+
+
+@pytest.mark.parametrize("prompts, match", [
+    (42, "got int"),
+    (b"Hello", "got bytes"),
+    ([{"prompt_token_ids": [1, 2], "multi_modal_data": {}}], r"got keys \['multi_modal_data'\]"),
+    ([{}], r"got keys \[\]"),
+    ([{"prompt": 5}], "'prompt' is text; got int"),
+    ([{"prompt_token_ids": "1 2 3"}], "got str"),
+    ([[1, 2.5]], "token ids are ints; got float 2.5"),
+    ([["Hello"]], "token ids are ints; got str"),
+    ([None], "got NoneType"),
+])
+def test_what_is_not_a_prompt_is_a_type_error_naming_it(tiny_llm, prompts, match):
+    with pytest.raises(TypeError, match=match):
+        tiny_llm.generate(prompts)
+    assert not tiny_llm.engine.has_unfinished_requests()
+
+
 def test_batch_is_refused_whole(tiny_llm):
     """One bad prompt in a batch refuses the batch before any request starts."""
     with pytest.raises(InvalidRequestError):
