@@ -9,7 +9,8 @@ copy runs on the engine thread; "async": on the copier thread; "auto", the defau
 predicted to outlast half a step): `--decoders` requests decode; a request whose
 `--prefix-tokens` prefix was pushed from the device pool to host RAM arrives; the steps go on until it has its
 first token. Recorded: the longest step the decoding requests waited for (their stall) against the median
-decode step before the arrival, and the arriving request's time to first token. The order of the modes
+decode step before the arrival, the arriving request's time to first token, and the copy itself (the host tier's
+fitted read time for the blocks it loaded, from `FetchCost`). The order of the modes
 rotates from round to round, so drifting machine load touches them alike.
 """
 
@@ -65,8 +66,10 @@ def one_round(llm: LLM, rng: random.Random, args) -> dict:
     for i in range(args.decoders):
         engine.abort_request(f"d{i}")
     assert engine.tiers.num_loaded["host"] > loaded, "the prefix was meant to come from host RAM"
+    blocks = engine.tiers.num_loaded["host"] - loaded
     return {"decode_step_ms": statistics.median(before) * 1e3, "longest_step_ms": max(steps) * 1e3,
-            "ttft_ms": first * 1e3, "steps": len(steps)}
+            "ttft_ms": first * 1e3, "steps": len(steps), "blocks": blocks,
+            "copy_ms": engine.tiers.cost.fetch_seconds("host", blocks) * 1e3}
 
 
 def main() -> None:
@@ -92,15 +95,16 @@ def main() -> None:
             log(f"round {r + 1} {mode}: " + ", ".join(f"{k} {v:.1f}" for k, v in results[mode][-1].items()))
     llm.shutdown()
     print("| host_loads | decode step before (ms) | longest step while loading (ms) | longest / decode step "
-          "| TTFT of the T1 request (ms) |")
-    print("|---|---|---|---|---|")
+          "| TTFT of the T1 request (ms) | copy (ms) |")
+    print("|---|---|---|---|---|---|")
     summary = {}
     for mode, rounds in results.items():
         step = statistics.median(x["decode_step_ms"] for x in rounds)
         longest = statistics.median(x["longest_step_ms"] for x in rounds)
         ttft = statistics.median(x["ttft_ms"] for x in rounds)
-        summary[mode] = {"decode_step_ms": step, "longest_step_ms": longest, "ttft_ms": ttft}
-        print(f"| {mode} | {step:.1f} | {longest:.1f} | {longest / step:.1f}x | {ttft:.0f} |")
+        copy = statistics.median(x["copy_ms"] for x in rounds)
+        summary[mode] = {"decode_step_ms": step, "longest_step_ms": longest, "ttft_ms": ttft, "copy_ms": copy}
+        print(f"| {mode} | {step:.1f} | {longest:.1f} | {longest / step:.1f}x | {ttft:.0f} | {copy:.1f} |")
     for mode in ("async", "auto"):
         print(f"{mode} / inline: longest step {summary[mode]['longest_step_ms'] / summary['inline']['longest_step_ms']:.2f}, "
               f"TTFT {summary[mode]['ttft_ms'] / summary['inline']['ttft_ms']:.2f} (medians of {args.rounds} rounds)")

@@ -102,18 +102,15 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
         """Complete each prompt (text, or token ids via `prompt_token_ids`); outputs in input order."""
+        is_list = isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes, bytearray))
         if prompt_token_ids is not None:
             items = [(None, _token_ids(ids)) for ids in prompt_token_ids]
-        elif isinstance(prompts, (str, dict)) or (isinstance(prompts, Sequence) and prompts and
-                                                  isinstance(prompts[0], int)):
-            items = [self._encode(prompts)]
-        elif isinstance(prompts, Sequence) and not isinstance(prompts, (bytes, bytearray)) and prompts:
-            items = [self._encode(p) for p in prompts]
-        elif prompts is None or isinstance(prompts, Sequence) and not isinstance(prompts, (bytes, bytearray)):
+        elif prompts is None or is_list and not prompts:
             raise InvalidRequestError("no prompts given: pass prompts or prompt_token_ids", param="prompt")
-        else:
-            raise TypeError(f"prompts must be text, token ids, a prompt dict or a list of them; got "
-                            f"{type(prompts).__name__}")
+        elif is_list and not isinstance(prompts[0], int):
+            items = [self._encode(p) for p in prompts]
+        else:  # one prompt; `_encode` raises a TypeError for what is not one
+            items = [self._encode(prompts)]
         return self._run(items, sampling_params)
 
     def chat(self, messages: list[dict] | Sequence[list[dict]],
