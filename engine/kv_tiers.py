@@ -16,7 +16,7 @@ lost and up when a request can use them:
   half-written; freeing the request (an abort) first waits for its copy. Waiting costs the request the rest
   of a step, so a short copy runs inline instead. `host_loads` "auto" decides per load: async when the copy,
   predicted from the fitted host line (`FetchCost`), takes longer than half the engine's mean step; inline
-  when it is shorter or not measured yet. On CPU a copy is a memcpy (32 MiB in about 6 ms here) that also
+  when it is shorter or not measured yet. On CPU a copy is a memcpy (32 MiB in about 7 ms here) that also
   competes with the step for the same cores, so it is nearly always inline (benchmarks/host_load_overlap.py).
 * up, T2: when a request arrives, a loader thread asks the store for the chain's blocks past T0 and T1 and
   puts them in T1; the request waits (`Request.is_loading_kv`) while other requests keep stepping, then is
