@@ -382,4 +382,4 @@ class Ingress:
         from cluster.http_api import build_http_app
 
         return build_http_app(self.frontend, api_keys=self.config.api_keys,
-                              max_body_bytes=self.config.limits.max_body_bytes)
+                              max_body_bytes=self.config.limits.max_body_bytes, cors_origins=self.config.cors_origins)

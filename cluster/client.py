@@ -5,7 +5,9 @@
         for message in client.chat_stream("Write a haiku", max_tokens=64):
             print(message.choices[0].text if message.choices else "", end="")
 
-Methods return the protobuf messages of protos/inference.proto. A failed call raises an `InferenceError`
+Methods return the protobuf messages of protos/inference.proto. A request is checked here as the server checks
+it (`cluster/grpc_messages.py`), so a mistake raises `InvalidRequest` before anything is sent. A failed call
+raises an `InferenceError`
 subclass named after its status code, with the server's message, so callers can catch what they can handle
 (`Overloaded`: retry later) without knowing gRPC. Leaving a stream early cancels the call, which stops the
 generation on the server.
@@ -26,6 +28,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cluster.grpc_messages import build_message
+from engine.errors import InvalidRequestError
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc
 
@@ -76,7 +80,8 @@ class InferenceClient:
     """Calls one server's Inference service. `timeout` (seconds, None = none) bounds each call, a stream whole.
 
     Sampling settings are keyword arguments named as the fields of `SamplingParams` in the proto
-    (`max_tokens=16, temperature=0, stop="\\n", seed=1, logprobs=2, ...`); unset ones take the server's defaults.
+    (`max_tokens=16, temperature=0, stop="\\n", seed=1, logprobs=2, structured_outputs={"json": schema}, ...`);
+    unset ones take the server's defaults.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, api_key: str | None = None, timeout: float | None = None):
@@ -99,20 +104,20 @@ class InferenceClient:
     def generate(self, prompt: str | Sequence[int], *, model: str | None = None,
                  **sampling: Any) -> pb.GenerateResponse:
         """Complete a prompt (text, or token ids taken as given)."""
-        return self._call(self._stub.Generate, _generate_request(prompt, model, sampling))
+        return self._call(self._stub.Generate, _request(prompt, model, False, sampling))
 
     def generate_stream(self, prompt: str | Sequence[int], *, model: str | None = None,
                         **sampling: Any) -> Iterator[pb.GenerateStreamResponse]:
         """Complete a prompt, yielding each message of new text and tokens; the last one carries `usage`."""
-        return self._stream(self._stub.GenerateStream, _generate_request(prompt, model, sampling))
+        return self._stream(self._stub.GenerateStream, _request(prompt, model, False, sampling))
 
     def chat(self, messages: Messages, *, model: str | None = None, **sampling: Any) -> pb.GenerateResponse:
         """Answer a conversation: {"role", "content"} messages, or one string as a single user message."""
-        return self._call(self._stub.Chat, _chat_request(messages, model, sampling))
+        return self._call(self._stub.Chat, _request(_messages(messages), model, True, sampling))
 
     def chat_stream(self, messages: Messages, *, model: str | None = None,
                     **sampling: Any) -> Iterator[pb.GenerateStreamResponse]:
-        return self._stream(self._stub.ChatStream, _chat_request(messages, model, sampling))
+        return self._stream(self._stub.ChatStream, _request(_messages(messages), model, True, sampling))
 
     def list_models(self) -> list[pb.Model]:
         return list(self._call(self._stub.ListModels, pb.ListModelsRequest()).models)
@@ -147,21 +152,19 @@ class InferenceClient:
         return _ERRORS.get(code, InferenceError)(details or code.name, code)
 
 
-def _generate_request(prompt: str | Sequence[int], model: str | None, sampling: dict) -> pb.GenerateRequest:
-    form = {"text": prompt} if isinstance(prompt, str) else {"token_ids": pb.TokenIds(ids=prompt)}
-    return pb.GenerateRequest(model=model, sampling=_sampling(sampling), **form)
+def _messages(messages: Messages) -> Sequence[dict[str, str]]:
+    return [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
 
 
-def _chat_request(messages: Messages, model: str | None, sampling: dict) -> pb.ChatRequest:
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    return pb.ChatRequest(model=model, messages=[pb.ChatMessage(**m) for m in messages], sampling=_sampling(sampling))
-
-
-def _sampling(sampling: dict) -> pb.SamplingParams:
-    if isinstance(sampling.get("stop"), str):  # one stop string, as the engine takes it (not its characters)
-        sampling = sampling | {"stop": [sampling["stop"]]}
-    return pb.SamplingParams(**sampling)
+def _request(prompt, model: str | None, chat: bool, sampling: dict) -> pb.GenerateRequest | pb.ChatRequest:
+    """The request message, checked here as the server checks it: a mistake raises `InvalidRequest` at once."""
+    try:
+        return build_message(prompt, model, chat, sampling)
+    except InvalidRequestError as error:
+        raise InvalidRequest(str(error), grpc.StatusCode.INVALID_ARGUMENT) from None
+    except ValueError as error:  # protobuf: a keyword that is no field of SamplingParams
+        raise InvalidRequest(f"{error}; see the fields of SamplingParams in protos/inference.proto",
+                             grpc.StatusCode.INVALID_ARGUMENT) from None
 
 
 # ---- msem client ... ----

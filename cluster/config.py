@@ -211,6 +211,7 @@ class ServeConfig(_Strict):
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int | None = Field(50051, ge=1, le=65535)  # None: no gRPC server
     api_keys: tuple[str, ...] = ()  # when set, every API call needs `Authorization: Bearer <key>`
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the HTTP API ("*": any); none: CORS off
 
     @property
     def model_name(self) -> str:

@@ -34,6 +34,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cluster.api_request import ChatRequest, CompletionRequest
 from cluster.config import Limits
 from cluster.errors import (OverloadedError, ShardLost, UnavailableError, UnknownModelError, as_unavailable,
                             first_line)
@@ -41,8 +42,9 @@ from actors.metrics import ServingMetrics
 from engine.async_llm import AsyncLLM
 from engine.errors import InvalidRequestError
 from engine.llm_engine import Resume, check_request
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.structured_output import GrammarCompiler
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -116,6 +118,7 @@ class Frontend:
         self._expert_health = expert_health
         self._memory_info = memory_info
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
+        self.grammars = GrammarCompiler(tokenizer, vocab_size)  # checks structured outputs at the edge
         self.num_requests = 0
         self.tokens_in_flight = 0
         self.num_resubmits = 0
@@ -135,9 +138,25 @@ class Frontend:
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if params.n > self.limits.max_n:
-            raise InvalidRequestError(f"n is {params.n}; this server allows at most {self.limits.max_n} samples "
-                                      "per request", param="n")
+            raise InvalidRequestError(f"n must be between 1 and {self.limits.max_n} on this server, got {params.n}",
+                                      param="n")
         check_request(prompt_token_ids, params, self.max_model_len, self.vocab_size)
+        if params.structured_outputs is not None:
+            self.grammars.check(params.structured_outputs)
+
+    def prepare(self, request: CompletionRequest | ChatRequest) -> list[tuple[list[int], SamplingParams]]:
+        """What each prompt of an API request runs: its token ids and validated `SamplingParams`. Tokenizing and
+        compiling a grammar is CPU work that grows with the request: servers call this off their event loop."""
+        self.check_model(request.model)
+        prompts = [self.encode_chat(request.messages)] if isinstance(request, ChatRequest) else \
+            [self.encode(prompt) for prompt in request.prompts]
+        runs = []
+        for ids in prompts:
+            ids = request.truncate(ids)
+            params = request.sampling_params(len(ids), self.max_model_len, self.limits.max_n)
+            self.check(ids, params)
+            runs.append((ids, params))
+        return runs
 
     async def healthy(self) -> bool:
         return await self.unavailable_reason() is None
@@ -338,10 +357,8 @@ class Frontend:
         return legs
 
 
-def usage(prompt_token_ids: Sequence[int], outputs: Sequence[CompletionOutput], cached_tokens: int = 0) -> dict:
-    """OpenAI's `usage` object for a request whose samples are `outputs` (token ids accumulated);
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's `usage` object, which both APIs answer (gRPC's `Usage` message has the same fields);
     `cached_tokens`: prompt tokens served from a KV cache tier instead of computed."""
-    completion = sum(len(o.token_ids) for o in outputs)
-    return {"prompt_tokens": len(prompt_token_ids), "completion_tokens": completion,
-            "total_tokens": len(prompt_token_ids) + completion,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}

@@ -1,8 +1,9 @@
 """The gRPC API: `msem.inference.v1.Inference` (protos/inference.proto) over a `Frontend`.
 
-It is the HTTP API's twin on the same edge: the `Frontend` tokenizes, validates and admits every request, so
-both APIs refuse the same requests with the same messages. This module only translates — protobuf messages to
-`SamplingParams` and prompt ids, engine deltas to `Choice` messages, and errors to status codes (`_status`):
+It is the HTTP API's twin on the same edge: its messages are read into the HTTP API's request model
+(`cluster/grpc_messages.py`) and the `Frontend` tokenizes, validates and admits every request, so both APIs
+refuse the same requests with the same messages. This module only translates — engine deltas to `Choice`
+messages, and errors to status codes (`_status`):
 INVALID_ARGUMENT for an `InvalidRequestError`, NOT_FOUND for an unknown model, RESOURCE_EXHAUSTED when admission
 refuses, UNAVAILABLE when nothing can take the request now (no shard continued it within the resume timeout,
 the engine stopped, Ray or Serve could not reach a replica: `as_unavailable`; gRPC clients retry that code),
@@ -14,7 +15,7 @@ frontend's iterator and so aborts the request on its shard and frees its KV bloc
 
 With `api_keys`, every Inference call needs metadata `authorization: Bearer <key>` (UNAUTHENTICATED
 otherwise). The standard grpc.health.v1 service and server reflection stay open, so load balancers, probes and
-grpcurl work without a key. Health follows `frontend.healthy()`, re-read every `health_interval_s` seconds by a
+grpcurl work without a key; reflection answers as `grpc.reflection.v1` and `v1alpha`. Health follows `frontend.healthy()`, re-read every `health_interval_s` seconds by a
 task that ends with the server.
 """
 
@@ -26,13 +27,14 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from cluster.errors import OverloadedError, UnknownModelError, as_unavailable
-from cluster.frontend import Frontend
+from cluster.frontend import Frontend, usage
+from cluster.grpc_messages import read_request
 from engine.errors import InvalidRequestError
 from engine.llm import merge
-from engine.outputs import CompletionOutput, PositionLogprobs
+from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, ranked
 from engine.sampling_params import SamplingParams
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc
@@ -40,6 +42,7 @@ from protos import inference_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "msem.inference.v1.Inference"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 REJECTED = {grpc.StatusCode.INVALID_ARGUMENT: "400", grpc.StatusCode.UNAUTHENTICATED: "401",
             grpc.StatusCode.NOT_FOUND: "404", grpc.StatusCode.RESOURCE_EXHAUSTED: "429",
@@ -49,9 +52,6 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (UnknownModelError, grpc.StatusCode.NOT_FOUND),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
-# SamplingParams fields declared `optional` in the proto: absent means the engine's default.
-_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "logprobs",
-                      "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -63,19 +63,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async with self._rpc(context):
-            return await self._complete(self._prompt(request), sampling_params(request.sampling))
+            return await self._complete(*await self._prepare(request, stream=False))
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         async with self._rpc(context):
-            await self._stream(context, self._prompt(request), sampling_params(request.sampling))
+            await self._stream(context, *await self._prepare(request, stream=True))
 
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async with self._rpc(context):
-            return await self._complete(self._chat_prompt(request), sampling_params(request.sampling))
+            return await self._complete(*await self._prepare(request, stream=False))
 
     async def ChatStream(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
         async with self._rpc(context):
-            await self._stream(context, self._chat_prompt(request), sampling_params(request.sampling))
+            await self._stream(context, *await self._prepare(request, stream=True))
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -94,16 +94,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     # ---- request in, deltas out ----
 
-    def _prompt(self, request: pb.GenerateRequest) -> list[int]:
-        self.frontend.check_model(_model(request))
-        form = request.WhichOneof("prompt")
-        if form is None:
+    async def _prepare(self, request: pb.GenerateRequest | pb.ChatRequest, stream: bool
+                       ) -> tuple[list[int], SamplingParams]:
+        """The prompt's ids and sampling params, read through the HTTP API's request model on a worker thread
+        (tokenizing grows with the prompt; the event loop keeps serving meanwhile)."""
+        if not isinstance(request, pb.ChatRequest) and request.WhichOneof("prompt") is None:
             raise InvalidRequestError("the request has no prompt: set `text` or `token_ids`", param="prompt")
-        return self.frontend.encode(request.text if form == "text" else list(request.token_ids.ids))
 
-    def _chat_prompt(self, request: pb.ChatRequest) -> list[int]:
-        self.frontend.check_model(_model(request))
-        return self.frontend.encode_chat([{"role": m.role, "content": m.content} for m in request.messages])
+        def prepare() -> tuple[list[int], SamplingParams]:
+            [run] = self.frontend.prepare(read_request(request, stream))
+            return run
+
+        return await asyncio.to_thread(prepare)
 
     async def _complete(self, ids: list[int], params: SamplingParams) -> pb.GenerateResponse:
         output = None
@@ -112,9 +114,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 output = merge(output, delta)
         assert output is not None and output.finished, "a request's stream ends with its finished delta"
         completion = sum(len(c.token_ids) for c in output.outputs)
+        prompt_logprobs = [_position(lp, token_id, params.prompt_logprobs or 0)
+                           for lp, token_id in zip((output.prompt_logprobs or [None])[1:], ids[1:])]
         return pb.GenerateResponse(id=output.request_id, model=self.frontend.model_name,
                                    choices=[_choice(c, params.logprobs) for c in output.outputs],
-                                   usage=_usage(len(ids), completion, output.num_cached_tokens))
+                                   usage=pb.Usage(**usage(len(ids), completion, output.num_cached_tokens)),
+                                   prompt_logprobs=prompt_logprobs)
 
     async def _stream(self, context: grpc.aio.ServicerContext, ids: list[int], params: SamplingParams) -> None:
         completion = 0
@@ -124,7 +129,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 message = pb.GenerateStreamResponse(id=delta.request_id, model=self.frontend.model_name,
                                                     choices=[_choice(c, params.logprobs) for c in delta.outputs])
                 if delta.finished:
-                    message.usage.CopyFrom(_usage(len(ids), completion, delta.num_cached_tokens))
+                    message.usage.CopyFrom(pb.Usage(**usage(len(ids), completion, delta.num_cached_tokens)))
                 await context.write(message)
 
     # ---- keys and errors ----
@@ -167,14 +172,7 @@ def _status(error: Exception) -> tuple[grpc.StatusCode | None, str]:
     return next((code for kind, code in _STATUS if isinstance(error, kind)), None), str(error)
 
 
-def sampling_params(message: pb.SamplingParams) -> SamplingParams:
-    """The engine's `SamplingParams` for a request's; unset optional fields keep their defaults."""
-    given = {name: getattr(message, name) for name in _OPTIONAL_SAMPLING if message.HasField(name)}
-    return SamplingParams(**given, stop=tuple(message.stop), stop_token_ids=tuple(message.stop_token_ids),
-                          ignore_eos=message.ignore_eos)
-
-
-def _model(request: pb.GenerateRequest | pb.ChatRequest | pb.TokenizeRequest) -> str | None:
+def _model(request: pb.TokenizeRequest) -> str | None:
     return request.model if request.HasField("model") else None
 
 
@@ -191,19 +189,13 @@ def _choice(out: CompletionOutput, num_top: int | None) -> pb.Choice:
 
 
 def _position(logprobs: PositionLogprobs, token_id: int, num_top: int) -> pb.PositionLogprobs:
-    """The sampled token and the `num_top` best; the sampled one is an extra, last entry when it ranks below."""
-    def entry(tid: int) -> pb.TokenLogprob:
-        lp = logprobs[tid]
+    """The sampled (or prompt) token and the `num_top` best; the token is an extra, last entry when it ranks
+    below them."""
+    def entry(tid: int, lp: Logprob) -> pb.TokenLogprob:
         return pb.TokenLogprob(token_id=tid, token=lp.decoded_token or "", logprob=lp.logprob, rank=lp.rank)
 
-    ranked = sorted(logprobs, key=lambda tid: logprobs[tid].rank)
-    return pb.PositionLogprobs(sampled=entry(token_id), top=[entry(tid) for tid in ranked[:num_top]])
-
-
-def _usage(num_prompt: int, num_completion: int, num_cached: int) -> pb.Usage:
-    return pb.Usage(prompt_tokens=num_prompt, completion_tokens=num_completion,
-                    total_tokens=num_prompt + num_completion,
-                    prompt_tokens_details=pb.PromptTokensDetails(cached_tokens=num_cached))
+    return pb.PositionLogprobs(sampled=entry(token_id, logprobs[token_id]),
+                               top=[entry(tid, lp) for tid, lp in ranked(logprobs)[:num_top]])
 
 
 # ---- the server ----
@@ -235,6 +227,21 @@ class _Health(health.aio.HealthServicer):
             await self.set(service, status)
 
 
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    """Server reflection as `grpc.reflection.v1` (what grpcurl and current clients ask first) and `v1alpha`.
+
+    grpcio-reflection ships only v1alpha; v1 is the same service under a new package, with messages of the same
+    fields and numbers, so v1alpha's servicer answers it unchanged, registered under v1's name."""
+    services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(services, server)
+    servicer = reflection.ReflectionServicer(services)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1,
+                                                                          {"ServerReflectionInfo": handler}),))
+
+
 async def start_grpc_server(frontend: Frontend, host: str, port: int, *, api_keys: Sequence[str] = (),
                             max_message_bytes: int | None = None,
                             health_interval_s: float = 5.0) -> tuple[grpc.aio.Server, int]:
@@ -248,7 +255,7 @@ async def start_grpc_server(frontend: Frontend, host: str, port: int, *, api_key
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(frontend, api_keys), server)
     health_servicer = _Health(frontend)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    _enable_reflection(server)
     bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     await server.start()
     await health_servicer.start(server, health_interval_s)

@@ -40,6 +40,7 @@ its shard, which frees its KV blocks. A non-streamed request races generation ag
 """
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -47,22 +48,32 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 
+from importlib.metadata import version as package_version
+
+from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from cluster.api_request import ChatRequest, CompletionRequest, parse_detokenize, parse_request, parse_tokenize
 from cluster.errors import OverloadedError, UnknownModelError, as_unavailable
 from cluster.frontend import Frontend
-from cluster.openai_api import ApiRequest, ResponseBuilder, parse_chat_request, parse_completion_request
+from cluster.openai_api import ResponseBuilder
 from engine.errors import InvalidRequestError
 from engine.llm import merge
 from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
+Run = tuple[list[int], SamplingParams]  # one prompt's token ids and how to sample them
+VERSION = package_version("msem")
+PING_S = 15  # a comment line this often keeps proxies from closing a quiet stream (a long prefill)
 REJECTED = (400, 401, 404, 413, 429, 503)  # refusals counted in msem_requests_rejected, by status
 
 
@@ -81,16 +92,22 @@ class ApiError(Exception):
         return JSONResponse(self.body(), self.status, headers=self.headers)
 
 
-def build_http_app(frontend: Frontend, *, api_keys: Sequence[str] = (), max_body_bytes: int | None = None
-                   ) -> Starlette:
-    """The ASGI app; `max_body_bytes` defaults to `frontend.limits.max_body_bytes`."""
+def build_http_app(frontend: Frontend, *, api_keys: Sequence[str] = (), max_body_bytes: int | None = None,
+                   cors_origins: Sequence[str] = ()) -> Starlette:
+    """The ASGI app; `max_body_bytes` defaults to `frontend.limits.max_body_bytes`; `cors_origins` (none: CORS
+    off) are the browser origins allowed to call it ("*": any)."""
     api = _Api(frontend, tuple(api_keys), max_body_bytes or frontend.limits.max_body_bytes)
-    routes = [api.route("/v1/models", "GET", api.models), api.route("/v1/completions", "POST", api.completions),
+    routes = [api.route("/v1/models", "GET", api.models), api.route("/v1/models/{model_id:path}", "GET", api.model),
+              api.route("/v1/completions", "POST", api.completions),
               api.route("/v1/chat/completions", "POST", api.chat), api.route("/v1/experts", "GET", api.experts),
               api.route("/v1/experts/rebalance", "POST", api.rebalance),
               api.route("/v1/memory", "GET", api.memory),
+              api.route("/tokenize", "POST", api.tokenize), api.route("/detokenize", "POST", api.detokenize),
+              api.route("/version", "GET", api.version, needs_key=False),
               api.route("/health", "GET", api.health, needs_key=False)]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _route_error})
+    middleware = [Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                             allow_headers=["Authorization", "Content-Type"])] if cors_origins else []
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _route_error})
 
 
 class _Api:
@@ -115,22 +132,39 @@ class _Api:
     # ---- routes ----
 
     async def models(self, request: Request) -> Response:
-        model = {"id": self.frontend.model_name, "object": "model", "created": self.created, "owned_by": "msem",
-                 "max_model_len": self.frontend.max_model_len}
-        return JSONResponse({"object": "list", "data": [model]})
+        return JSONResponse({"object": "list", "data": [self._model()]})
+
+    async def model(self, request: Request) -> Response:
+        self.frontend.check_model(request.path_params["model_id"])
+        return JSONResponse(self._model())
 
     async def completions(self, request: Request) -> Response:
-        parsed = parse_completion_request(await self._read_json(request))
-        self.frontend.check_model(parsed.model)
-        assert parsed.prompt is not None
-        return await self._generate(request, parsed, self.frontend.encode(parsed.prompt))
+        parsed, runs = await self._prepare(request, chat=False)
+        return await self._generate(request, parsed, runs)
 
     async def chat(self, request: Request) -> Response:
-        parsed = parse_chat_request(await self._read_json(request))
+        parsed, runs = await self._prepare(request, chat=True)
+        return await self._generate(request, parsed, runs)
+
+    async def tokenize(self, request: Request) -> Response:
+        parsed = parse_tokenize(_decode(await self._read_body(request)))
         self.frontend.check_model(parsed.model)
-        assert parsed.messages is not None
-        ids = self.frontend.encode_chat(parsed.messages)
-        return await self._generate(request, parsed, ids)
+        if parsed.messages is not None:
+            ids = await asyncio.to_thread(self.frontend.encode_chat, parsed.messages)
+        else:
+            ids = await asyncio.to_thread(self.frontend.tokenizer.encode, parsed.prompt, parsed.add_special_tokens)
+        return JSONResponse({"count": len(ids), "max_model_len": self.frontend.max_model_len, "tokens": ids})
+
+    async def detokenize(self, request: Request) -> Response:
+        parsed = parse_detokenize(_decode(await self._read_body(request)))
+        self.frontend.check_model(parsed.model)
+        vocab_size = self.frontend.vocab_size
+        if (bad := next((t for t in parsed.tokens if not 0 <= t < vocab_size), None)) is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {vocab_size})", param="tokens")
+        return JSONResponse({"prompt": self.frontend.tokenizer.decode(parsed.tokens)})
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": VERSION})
 
     async def experts(self, request: Request) -> Response:
         info = await self.frontend.experts()
@@ -158,6 +192,21 @@ class _Api:
 
     # ---- helpers ----
 
+    def _model(self) -> dict:
+        return {"id": self.frontend.model_name, "object": "model", "created": self.created, "owned_by": "msem",
+                "max_model_len": self.frontend.max_model_len}
+
+    async def _prepare(self, request: Request, chat: bool) -> tuple[CompletionRequest | ChatRequest, list[Run]]:
+        """The request and what each of its prompts runs; decoding, validation and tokenizing (CPU work that
+        grows with the body) run on a worker thread, so the event loop keeps serving meanwhile."""
+        body = await self._read_body(request)
+
+        def prepare() -> tuple[CompletionRequest | ChatRequest, list[Run]]:
+            parsed = parse_request(_decode(body), chat)
+            return parsed, self.frontend.prepare(parsed)
+
+        return await asyncio.to_thread(prepare)
+
     def _no_expert_groups(self) -> ApiError:
         return ApiError(404, f"{self.frontend.model_name!r} has no expert groups: its experts (if any) run "
                         "inside the attention shards", code="not_found")
@@ -174,7 +223,7 @@ class _Api:
             return
         raise ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    async def _read_json(self, request: Request) -> object:
+    async def _read_body(self, request: Request) -> bytes:
         too_large = ApiError(413, f"the request body exceeds this server's limit of {self.max_body_bytes:,} "
                              "bytes", code="request_too_large")
         length = request.headers.get("content-length", "")
@@ -185,35 +234,30 @@ class _Api:
             body += chunk
             if len(body) > self.max_body_bytes:
                 raise too_large
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ApiError(400, f"the request body is not valid UTF-8 (bad byte at offset {error.start})") from None
-        try:
-            return json.loads(text)
-        except (ValueError, RecursionError) as error:
-            raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+        return bytes(body)
 
-    async def _generate(self, request: Request, parsed: ApiRequest, ids: list[int]) -> Response:
+    async def _generate(self, request: Request, parsed: CompletionRequest | ChatRequest, runs: list[Run]) -> Response:
         frontend = self.frontend
-        params = parsed.sampling_params(len(ids), frontend.max_model_len)
         request_id = f"{'chatcmpl' if parsed.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
         builder = ResponseBuilder(parsed, request_id, frontend.model_name)
-        deltas = frontend.generate(ids, params, request_id=request_id, every_step=parsed.stream)
+        streams = [frontend.generate(ids, params, request_id=request_id if len(runs) == 1 else f"{request_id}-{p}",
+                                     every_step=parsed.stream) for p, (ids, params) in enumerate(runs)]
+        deltas = _interleaved(streams)
         if parsed.stream:
             first = await anext(deltas, None)  # bad input and overload raise here, before the status is sent
             return _EventStream(_events(first, deltas, builder, frontend.limits.retry_after_s))
-        output = await _collect(deltas, request.receive)
-        if output is None:  # the client is gone; nobody reads this
+        outputs = await _collect(deltas, len(runs), request.receive)
+        if outputs is None:  # the client is gone; nobody reads this
             return Response(status_code=499)
-        return JSONResponse(builder.response(output))
+        return JSONResponse(builder.response(outputs))
 
 
-class _EventStream(StreamingResponse):
-    """Server-sent events whose generator is closed however the response ends (see the module docstring)."""
+class _EventStream(EventSourceResponse):
+    """Server-sent events (sse-starlette: keep-alive pings while a long prompt is prefilled) whose generator is
+    closed however the response ends (see the module docstring)."""
 
-    def __init__(self, events: AsyncGenerator[bytes, None]):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, events: AsyncGenerator[dict, None]):
+        super().__init__(events, sep="\n", ping=PING_S, headers={"Cache-Control": "no-cache"})
         self._events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -223,13 +267,13 @@ class _EventStream(StreamingResponse):
             await self._events.aclose()
 
 
-async def _events(first: RequestOutput | None, deltas: AsyncGenerator[RequestOutput, None],
-                  builder: ResponseBuilder, retry_after_s: int) -> AsyncGenerator[bytes, None]:
+async def _events(first: tuple[int, RequestOutput] | None, deltas: AsyncGenerator[tuple[int, RequestOutput], None],
+                  builder: ResponseBuilder, retry_after_s: int) -> AsyncGenerator[dict, None]:
     try:
-        for chunk in builder.chunks(first) if first is not None else ():
+        for chunk in builder.chunks(first[1], first[0]) if first is not None else ():
             yield _sse(chunk)
-        async for delta in deltas:
-            for chunk in builder.chunks(delta):
+        async for prompt_index, delta in deltas:
+            for chunk in builder.chunks(delta, prompt_index):
                 yield _sse(chunk)
         if builder.request.include_usage:
             yield _sse(builder.usage_chunk())
@@ -237,17 +281,53 @@ async def _events(first: RequestOutput | None, deltas: AsyncGenerator[RequestOut
         yield _sse(_api_error(error, retry_after_s).body())
     finally:
         await deltas.aclose()
-    yield b"data: [DONE]\n\n"
+    yield {"data": "[DONE]"}
 
 
-async def _collect(deltas: AsyncIterator[RequestOutput], receive: Receive) -> RequestOutput | None:
-    """All deltas merged; None when the client disconnects first, which stops the request."""
+async def _interleaved(streams: list[AsyncGenerator[RequestOutput, None]]
+                       ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    """The deltas of several prompts' streams as they come, each with its prompt's index; closing this closes
+    them all. One stream is read directly."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for delta in only:
+                yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
 
-    async def merged() -> RequestOutput | None:
-        output = None
-        async for delta in deltas:
-            output = merge(output, delta)
-        return output
+    async def pump(index: int, stream: AsyncGenerator[RequestOutput, None]) -> None:
+        async with contextlib.aclosing(stream):
+            async for delta in stream:
+                await queue.put((index, delta))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    waiter = asyncio.ensure_future(asyncio.gather(*tasks))
+    try:
+        while not (waiter.done() and queue.empty()):
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait((getter, waiter), return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+                waiter.result()  # a failed stream raises here
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        waiter.cancel()
+
+
+async def _collect(deltas: AsyncIterator[tuple[int, RequestOutput]], num_prompts: int,
+                   receive: Receive) -> list[RequestOutput] | None:
+    """Each prompt's deltas merged; None when the client disconnects first, which stops the request."""
+
+    async def merged() -> list[RequestOutput]:
+        outputs: list[RequestOutput | None] = [None] * num_prompts
+        async for prompt_index, delta in deltas:
+            outputs[prompt_index] = merge(outputs[prompt_index], delta)
+        assert all(output is not None for output in outputs), "every prompt's stream ends with a delta"
+        return outputs  # type: ignore[return-value]
 
     async def disconnected() -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -263,8 +343,20 @@ async def _collect(deltas: AsyncIterator[RequestOutput], receive: Receive) -> Re
     return None if work.cancelled() else work.result()
 
 
-def _sse(data: dict) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+def _decode(body: bytes) -> object:
+    """A request body as JSON; 400 when it is not UTF-8 or not JSON."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ApiError(400, f"the request body is not valid UTF-8 (bad byte at offset {error.start})") from None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+
+
+def _sse(data: dict) -> dict:
+    return {"data": json.dumps(data, ensure_ascii=False, separators=(",", ":"))}
 
 
 def _api_error(error: Exception, retry_after_s: int) -> ApiError:

@@ -1,147 +1,67 @@
-"""OpenAI's completions and chat completions APIs as data: request JSON in, response JSON out (no ASGI).
+"""OpenAI's completions and chat completions responses as data: engine outputs in, response JSON out.
 
-`parse_completion_request` / `parse_chat_request` turn a decoded request body into an `ApiRequest`; every
-mistake is an `InvalidRequestError` whose `param` names the offending field (the HTTP edge answers 400, never
-FastAPI's 422). Sampling fields are handed to `SamplingParams` as given, so its strict checks (an int field
-takes only a real int, a float field no bool or string) are the one source of truth for types and ranges.
-Fields:
+The requests are `cluster/api_request.py`'s. `ResponseBuilder` turns the engine's `RequestOutput`s into OpenAI
+objects: `response` for a whole answer (the deltas merged), `chunks` for the stream chunks of one delta (one
+chunk per choice it touches; a choice's first chat chunk carries `role`), `usage_chunk` for the final chunk of
+`stream_options.include_usage`. A completions request with a batch of prompts numbers its choices prompt by
+prompt, as vLLM does: prompt p's sample j is choice p * n + j; its usage sums the prompts'.
 
-- both: `model` (optional; null means the served model), `stream`, `stream_options.include_usage` (only with
-  `stream`), `n`, `temperature`, `top_p`, `stop` (string or list), `seed`, `presence_penalty`,
-  `frequency_penalty`, `user` (accepted, ignored), and vLLM's extensions `top_k`, `min_p`,
-  `repetition_penalty`, `stop_token_ids`, `ignore_eos`. A null field means "not given" (OpenAI's reading).
-- completions: `prompt` (a string, a list of token ids, or a list holding one of those: one prompt per
-  request), `max_tokens` (default 16, like OpenAI), `logprobs` (top-k count).
-- chat: `messages`, `max_completion_tokens` or its older name `max_tokens` (default: the rest of the
-  context, `max_model_len` minus the prompt, as vLLM does; the engine stops there anyway), `logprobs` (bool)
-  with `top_logprobs` (count).
-- Fields OpenAI defines but this server cannot honour (`echo`, `best_of`, `suffix`, `logit_bias`, `tools`,
-  `functions`, `response_format`) are refused unless they hold their no-op value; other unknown fields are
-  ignored, as vLLM does.
-
-`ResponseBuilder` turns the engine's `RequestOutput`s into OpenAI objects: `response` for a whole answer (the
-deltas merged), `chunks` for the stream chunks of one delta (one chunk per choice it touches; a choice's first
-chat chunk carries `role`), `usage_chunk` for the final chunk of `stream_options.include_usage`. Logprobs follow
-each API's shape: completions `{tokens, token_logprobs, top_logprobs, text_offset}` (the top-k dict also
-holds the sampled token, as OpenAI documents), chat `{content: [{token, logprob, bytes, top_logprobs}]}`.
-`text_offset` counts characters of the completion from its start; `bytes` is the UTF-8 of the decoded token
-(a lone byte-fallback piece decodes to U+FFFD). Logprobs are clamped to -9999 so that JSON never holds -inf.
+Logprobs follow each API's shape: completions `{tokens, token_logprobs, top_logprobs, text_offset}` (the top-k
+dict also holds the sampled token, as OpenAI documents), chat `{content: [{token, logprob, bytes,
+top_logprobs}]}`. `text_offset` counts characters of the completion from its start; `bytes` is the UTF-8 of the
+decoded token (a lone byte-fallback piece decodes to U+FFFD). Prompt logprobs (vLLM's `prompt_logprobs`) go in
+each completion choice, and at the top of a chat response: one entry per prompt token, null for the first,
+else `{token_id: {logprob, rank, decoded_token}}`. Logprobs are clamped to -9999 so that JSON never holds -inf.
 """
 
+import dataclasses
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from cluster.api_request import ChatRequest, CompletionRequest
 from cluster.frontend import usage
-from engine.errors import InvalidRequestError, SamplingParamsError
-from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput, ranked
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16
 MIN_LOGPROB = -9999.0
-
-_SAMPLING_FIELDS = ("n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
-                    "top_k", "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos")
-# Fields OpenAI defines that this server cannot honour, with the values that ask for nothing.
-_UNSUPPORTED = {"echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},), "tools": ([],),
-                "functions": ([],), "response_format": ({"type": "text"},)}
-
-
-@dataclass(frozen=True)
-class ApiRequest:
-    """A parsed completions or chat request: what to complete, how to sample, how to answer."""
-
-    is_chat: bool
-    model: str | None  # None: the served model
-    prompt: str | list[int] | None  # completions: text or token ids
-    messages: list[dict] | None  # chat
-    stream: bool
-    include_usage: bool
-    sampling: dict[str, Any]  # SamplingParams fields as the request gave them; no max_tokens: rest of context
-    param_names: dict[str, str]  # SamplingParams field -> the request's name for it, where they differ
-
-    def sampling_params(self, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
-        """The validated `SamplingParams`; errors name the request's own field."""
-        fields = {"max_tokens": max(1, max_model_len - num_prompt_tokens), **self.sampling}
-        try:
-            return SamplingParams(**fields)
-        except SamplingParamsError as error:
-            name = self.param_names.get(error.param or "")
-            if name is None:
-                raise
-            raise SamplingParamsError(str(error).replace(error.param, name, 1), param=name) from None
-
-
-def parse_completion_request(body: Any) -> ApiRequest:
-    """A `/v1/completions` body (decoded JSON) as an `ApiRequest`; raises `InvalidRequestError`."""
-    fields = _fields(body)
-    prompt = fields.get("prompt")
-    if prompt is None:
-        raise InvalidRequestError("prompt is required: a string or a list of token ids", param="prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise InvalidRequestError(f"prompt holds {len(prompt)} prompts; this server takes one prompt per "
-                                      "request (send them as separate requests, or use n for more samples)",
-                                      param="prompt")
-        prompt = prompt[0]
-    if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(_is_int(t) for t in prompt)):
-        raise InvalidRequestError("prompt must be a string or a list of integer token ids", param="prompt")
-    sampling = _sampling(fields)
-    sampling["max_tokens"] = fields.get("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
-    if "logprobs" in fields:
-        sampling["logprobs"] = fields["logprobs"]
-    return _request(fields, False, prompt, None, sampling, {})
-
-
-def parse_chat_request(body: Any) -> ApiRequest:
-    """A `/v1/chat/completions` body (decoded JSON) as an `ApiRequest`; raises `InvalidRequestError`."""
-    fields = _fields(body)
-    messages = fields.get("messages")
-    if not isinstance(messages, list):
-        got = "missing" if messages is None else f"a JSON {_json_type(messages)}"
-        raise InvalidRequestError(f"messages is {got}; it must be a list of {{role, content}} objects",
-                                  param="messages")
-    sampling = _sampling(fields)
-    names: dict[str, str] = {}
-    name = next((name for name in ("max_completion_tokens", "max_tokens") if name in fields), None)
-    if name is not None:
-        sampling["max_tokens"], names["max_tokens"] = fields[name], name
-    top_logprobs = fields.get("top_logprobs")
-    if top_logprobs is not None and not (_is_int(top_logprobs) and 0 <= top_logprobs <= MAX_LOGPROBS):
-        raise InvalidRequestError(f"top_logprobs must be an integer between 0 and {MAX_LOGPROBS}, "
-                                  f"got {top_logprobs!r}", param="top_logprobs")
-    if _typed(fields, "logprobs", bool, "true or false", False):
-        sampling["logprobs"] = top_logprobs or 0
-    elif top_logprobs is not None:
-        raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
-    return _request(fields, True, None, messages, sampling, names)
 
 
 class ResponseBuilder:
     """The OpenAI objects of one request's answer: whole (`response`) or as stream chunks (`chunks`)."""
 
-    def __init__(self, request: ApiRequest, request_id: str, model: str, created: int | None = None):
+    def __init__(self, request: CompletionRequest | ChatRequest, request_id: str, model: str,
+                 created: int | None = None):
         self.request, self.request_id, self.model = request, request_id, model
         self.created = int(time.time()) if created is None else created
+        self._n = request.n or 1
         self._object = "chat.completion" if request.is_chat else "text_completion"
         self._chunk_object = "chat.completion.chunk" if request.is_chat else "text_completion"
-        self._prompt_token_ids: list[int] = []
-        self._cached_tokens = 0
+        self._prompts: dict[int, tuple[int, int]] = {}  # per prompt: its token count and cached tokens
         self._sent: dict[int, CompletionOutput] = {}  # per choice: the text and tokens the client has
 
-    def response(self, output: RequestOutput) -> dict:
-        """The whole answer, from the merged deltas of a finished request."""
-        choices = [self._choice(out, text_offset=0) for out in output.outputs]
-        return self._envelope(self._object, choices,
-                              usage=usage(output.prompt_token_ids, output.outputs, output.num_cached_tokens))
+    def response(self, outputs: Sequence[RequestOutput]) -> dict:
+        """The whole answer, from each prompt's merged deltas (one prompt unless a completions batch)."""
+        choices, extra = [], {}
+        for p, output in enumerate(outputs):
+            self._prompts[p] = (len(output.prompt_token_ids), output.num_cached_tokens)
+            for out in output.outputs:
+                choice = self._choice(self._numbered(out, p), text_offset=0)
+                if output.prompt_logprobs is not None and not self.request.is_chat:
+                    choice["prompt_logprobs"] = _prompt_logprobs(output.prompt_logprobs)
+                choices.append(choice)
+            if output.prompt_logprobs is not None and self.request.is_chat:
+                extra["prompt_logprobs"] = _prompt_logprobs(output.prompt_logprobs)
+        merged = [out for output in outputs for out in output.outputs]
+        return self._envelope(self._object, sorted(choices, key=lambda c: c["index"]),
+                              usage=self._usage(merged), **extra)
 
-    def chunks(self, delta: RequestOutput) -> list[dict]:
-        """The stream chunks of one delta: one per choice that has something new."""
-        self._prompt_token_ids, self._cached_tokens = delta.prompt_token_ids, delta.num_cached_tokens
+    def chunks(self, delta: RequestOutput, prompt_index: int = 0) -> list[dict]:
+        """The stream chunks of one delta of prompt `prompt_index`: one per choice that has something new."""
+        self._prompts[prompt_index] = (len(delta.prompt_token_ids), delta.num_cached_tokens)
         extra = {"usage": None} if self.request.include_usage else {}
         chunks = []
         for out in delta.outputs:
+            out = self._numbered(out, prompt_index)
             sent = self._sent.get(out.index)
             is_first = sent is None
             if sent is None:
@@ -155,9 +75,15 @@ class ResponseBuilder:
 
     def usage_chunk(self) -> dict:
         """The last chunk of a stream with `stream_options.include_usage`: no choices, the request's usage."""
-        sent = list(self._sent.values())
-        return self._envelope(self._chunk_object, [],
-                              usage=usage(self._prompt_token_ids, sent, self._cached_tokens))
+        return self._envelope(self._chunk_object, [], usage=self._usage(list(self._sent.values())))
+
+    def _numbered(self, out: CompletionOutput, prompt_index: int) -> CompletionOutput:
+        return dataclasses.replace(out, index=prompt_index * self._n + out.index) if prompt_index else out
+
+    def _usage(self, outputs: Sequence[CompletionOutput]) -> dict:
+        prompts = self._prompts.values()
+        return usage(sum(count for count, _ in prompts), sum(len(o.token_ids) for o in outputs),
+                     sum(cached for _, cached in prompts))
 
     def _envelope(self, obj: str, choices: list[dict], **extra) -> dict:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model,
@@ -176,68 +102,27 @@ class ResponseBuilder:
                 choice["delta"] = {"role": "assistant", "content": out.text}
             else:
                 choice["delta"] = {"content": out.text} if out.text else {}
-            num_top = self.request.sampling.get("logprobs") or 0
-            choice["logprobs"] = None if out.logprobs is None else _chat_logprobs(out, num_top)
+            choice["logprobs"] = None if out.logprobs is None else _chat_logprobs(out, self.request.num_top_logprobs)
         choice["finish_reason"] = out.finish_reason
+        if isinstance(out.stop_reason, (str, int)):
+            choice["stop_reason"] = out.stop_reason  # vLLM's extension: the stop string or token that ended it
         return choice
-
-
-def _fields(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise InvalidRequestError(f"the request body must be a JSON object, got a JSON {_json_type(body)}")
-    fields = {name: value for name, value in body.items() if value is not None}
-    for name, allowed in _UNSUPPORTED.items():
-        if name in fields and fields[name] not in allowed:
-            raise InvalidRequestError(f"{name} is not supported by this server; leave it out", param=name)
-    return fields
-
-
-def _sampling(fields: dict[str, Any]) -> dict[str, Any]:
-    return {name: fields[name] for name in _SAMPLING_FIELDS if name in fields}
-
-
-def _request(fields: dict[str, Any], is_chat: bool, prompt: str | list[int] | None, messages: list[dict] | None,
-             sampling: dict[str, Any], names: dict[str, str]) -> ApiRequest:
-    model = _typed(fields, "model", str, "a string", None)
-    _typed(fields, "user", str, "a string", None)
-    stream = _typed(fields, "stream", bool, "true or false", False)
-    options = _typed(fields, "stream_options", dict, "an object", None)
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise InvalidRequestError("stream_options is only allowed with stream set to true",
-                                      param="stream_options")
-        include_usage = _typed(options, "include_usage", bool, "true or false", False, "stream_options.")
-    return ApiRequest(is_chat, model, prompt, messages, stream, include_usage, sampling, names)
-
-
-def _typed(fields: dict[str, Any], name: str, kind: type, what: str, default: Any, prefix: str = "") -> Any:
-    """`fields[name]` if it is a `kind` (`what`, for the message), `default` if absent; `bool` is no int here."""
-    value = fields.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise InvalidRequestError(f"{prefix}{name} must be {what}, got a JSON {_json_type(value)}",
-                                  param=prefix + name)
-    return value
-
-
-def _json_type(value: Any) -> str:
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _ranked(position: PositionLogprobs) -> list[tuple[str, float]]:
     """(decoded token, logprob) of a position's tokens, best first."""
-    return [_entry(lp) for lp in sorted(position.values(), key=lambda lp: lp.rank)]
+    return [_entry(lp) for _, lp in ranked(position)]
 
 
 def _entry(lp: Logprob) -> tuple[str, float]:
     return lp.decoded_token or "", max(lp.logprob, MIN_LOGPROB)
+
+
+def _prompt_logprobs(positions: Sequence[PositionLogprobs | None]) -> list[dict | None]:
+    return [None if position is None else
+            {str(token_id): {"logprob": max(lp.logprob, MIN_LOGPROB), "rank": lp.rank,
+                             "decoded_token": lp.decoded_token} for token_id, lp in ranked(position)}
+            for position in positions]
 
 
 def _positions(out: CompletionOutput) -> Iterable[tuple[PositionLogprobs, int]]:

@@ -52,6 +52,7 @@ class IncrementalDetokenizer:
         if continues_prompt is None:
             continues_prompt = tokenizer.output_continues_prompt(prompt_token_ids)
         self._tokenizer = tokenizer
+        self.continues_prompt = continues_prompt
         self._continues_text = continues_prompt  # becomes True once any text piece was emitted
         self._pending: list[int] = []
         self._deltas: list[str] = []

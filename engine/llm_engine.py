@@ -23,6 +23,7 @@ from engine.request import Request
 from engine.sampler import Logprobs, SamplingState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.structured_output import GrammarCompiler
 from engine.tokenizer import Tokenizer
 from memory.block_hash import BlockKeyspace
 from memory.host_tier import HostTier
@@ -86,6 +87,7 @@ class LLMEngine:
         kv = KVCacheManager(self.cache_info.num_blocks, config.block_size, model.config.sliding_window,
                             config.enable_prefix_caching, keyspace.root, self.tiers)
         self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)
         self._requests: dict[str, _UserRequest] = {}
         self._seq_owner: dict[str, _UserRequest] = {}
         self._arrival = itertools.count()
@@ -97,8 +99,11 @@ class LLMEngine:
     # ---- requests in ----
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, resume: "Resume | None" = None) -> None:
-        """Reject what can never run. Pure (reads only settings), so other threads may call it."""
+        """Reject what can never run. Reads only settings (and a cache of compiled grammars, under its lock),
+        so other threads may call it."""
         check_request(prompt_token_ids, params, self.max_model_len, self.model.config.vocab_size, resume)
+        if params.structured_outputs is not None:
+            self.grammars.check(params.structured_outputs)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, resume: "Resume | None" = None) -> None:
@@ -114,15 +119,21 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         user = _UserRequest(request_id, prompt, list(prompt_token_ids), params)
         arrival, first = next(self._arrival), None
+        stop_ids = params.stop_token_ids + ((self.tokenizer.eos_id,) if not params.ignore_eos else ())
+        bad_words = tuple(ids for word in params.bad_words for ids in _word_token_ids(self.tokenizer, word))
         for i in range(params.n):
-            seq = Request(f"{request_id}#{i}", request_id, i, user.prompt_token_ids, params,
-                          SamplingState.from_params(params, user.prompt_token_ids, i, self.runner.device),
-                          arrival, first_sibling=first)
+            grammar = None if params.structured_outputs is None else self.grammars.grammar(params.structured_outputs)
+            state = SamplingState.from_params(params, user.prompt_token_ids, i, self.runner.device,
+                                              stop_token_ids=stop_ids, bad_words_ids=bad_words, grammar=grammar)
+            seq = Request(f"{request_id}#{i}", request_id, i, user.prompt_token_ids, params, state, arrival,
+                          first_sibling=first)
             first = first or seq
             sample = _Sample(seq, IncrementalDetokenizer(self.tokenizer, user.prompt_token_ids))
             if resume is not None:
                 seq.sampling.skip(len(resume.token_ids), self.model.config.vocab_size)
                 seq.output_token_ids.extend(resume.token_ids)
+                for token in resume.token_ids if grammar is not None else ():
+                    grammar.accept(token)
                 sample.text = "".join(sample.detok.add(t) for t in resume.token_ids)
                 sample.sent_tokens, sample.sent_chars = len(resume.token_ids), resume.num_chars
             user.samples.append(sample)
@@ -213,20 +224,26 @@ class LLMEngine:
             sample.text += sample.detok.flush()
 
     def _check_stop(self, sample: _Sample, token: int, logprobs: Logprobs | None) -> None:
-        seq, params = sample.seq, sample.seq.params
+        seq, params, grammar = sample.seq, sample.seq.params, sample.seq.sampling.grammar
         seq.output_token_ids.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
-        if token == self.tokenizer.eos_id and not params.ignore_eos:
+        if grammar is not None:
+            grammar.accept(token)
+        may_stop = len(seq.output_token_ids) >= params.min_tokens
+        if token == self.tokenizer.eos_id and (not params.ignore_eos or grammar is not None):
             return self.scheduler.finish(seq, "stop")
-        if token in params.stop_token_ids:
+        if token in params.stop_token_ids and may_stop:
             return self.scheduler.finish(seq, "stop", token)
         before = len(sample.text)
         sample.text += sample.detok.add(token)
-        stop = _find_stop(sample.text, before, params.stop)
+        stop = _find_stop(sample.text, before, params.stop) if may_stop else None
         if stop is not None:
-            sample.text = sample.text[:stop[0]]
-            return self.scheduler.finish(seq, "stop", stop[1])
+            start, string = stop
+            sample.text = sample.text[:start + (len(string) if params.include_stop_str_in_output else 0)]
+            return self.scheduler.finish(seq, "stop", string)
+        if grammar is not None and grammar.is_terminated:  # the text is complete: only the end could follow
+            return self.scheduler.finish(seq, "stop")
         if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self.scheduler.finish(seq, "length")
 
@@ -242,7 +259,9 @@ class LLMEngine:
             logprobs = None
             if user.params.logprobs is not None:
                 # the newest entries: a resumed request has none for the tokens it started with
-                logprobs = [self._position_logprobs(lp) for lp in seq.logprobs[len(seq.logprobs) - len(new_tokens):]]
+                first = len(seq.logprobs) - len(new_tokens)
+                logprobs = [self._position_logprobs(lp, continues_text=first + k > 0 or sample.detok.continues_prompt)
+                            for k, lp in enumerate(seq.logprobs[first:])]
             completions.append(CompletionOutput(
                 index=i, text=sample.text[sample.sent_chars:end], token_ids=new_tokens, logprobs=logprobs,
                 cumulative_logprob=sum(lp.logprob for lp in seq.logprobs) if seq.logprobs else None,
@@ -263,9 +282,11 @@ class LLMEngine:
         user.sent_prompt_logprobs = True
         return [None] + [self._position_logprobs(lp) for lp in seq.prompt_logprobs]
 
-    def _position_logprobs(self, lp: Logprobs) -> PositionLogprobs:
+    def _position_logprobs(self, lp: Logprobs, continues_text: bool = True) -> PositionLogprobs:
+        """A position's tokens with their text; `continues_text` False for an answer's first token, whose text
+        (as its content's) has no leading space."""
         def piece(token_id: int) -> str:
-            return self.tokenizer.decode([token_id], continues_text=True)
+            return self.tokenizer.decode([token_id], continues_text=continues_text)
 
         out = {tid: Logprob(value, rank, piece(tid)) for rank, (tid, value) in enumerate(lp.top, start=1)}
         out[lp.token_id] = Logprob(lp.logprob, lp.rank, piece(lp.token_id))
@@ -300,6 +321,12 @@ def check_request(prompt_token_ids: list[int], params: SamplingParams, max_model
         raise InvalidRequestError(f"resumed token ids must be in [0, {vocab_size})")
     if resume.num_chars < 0:
         raise InvalidRequestError(f"resume.num_chars must be >= 0, got {resume.num_chars}")
+
+
+def _word_token_ids(tokenizer: Tokenizer, word: str) -> list[tuple[int, ...]]:
+    """The token sequences a bad word is generated as: the word alone and after a space (as vLLM bans them)."""
+    forms = {tuple(tokenizer.encode(text, add_bos=False)) for text in (word, " " + word.lstrip())}
+    return sorted(ids for ids in forms if ids)
 
 
 def _find_stop(text: str, new_from: int, stops: tuple[str, ...]) -> tuple[int, str] | None:

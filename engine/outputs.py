@@ -18,6 +18,11 @@ class Logprob:
 PositionLogprobs = dict[int, Logprob]
 
 
+def ranked(position: PositionLogprobs) -> list[tuple[int, Logprob]]:
+    """A position's (token id, `Logprob`) pairs, most likely first."""
+    return sorted(position.items(), key=lambda item: item[1].rank)
+
+
 @dataclass
 class CompletionOutput:
     index: int

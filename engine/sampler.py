@@ -7,8 +7,12 @@ Design note — order of processing (the same as vLLM's sampler):
    less likely;
 2. presence and frequency penalties (OpenAI semantics) over the output tokens only:
    `logit -= presence * (count > 0) + frequency * count`;
-3. greedy rows (`temperature` 0) take the argmax of these penalised logits, and stop here;
-4. the other rows: divide by temperature, keep the `top_k` largest, keep the smallest prefix of the sorted
+3. bans: tokens the row may not take now are set to -inf — its end of sequence and stop tokens while it has
+   fewer than `min_tokens`, the token that would complete one of its `bad_words`, and every token its
+   structured-output grammar does not allow (`engine/structured_output.py`). Should the bans leave a row no
+   token, the grammar's alone apply: the grammar is the one constraint the output must keep;
+4. greedy rows (`temperature` 0) take the argmax of these logits, and stop here;
+5. the other rows: divide by temperature, keep the `top_k` largest, keep the smallest prefix of the sorted
    distribution whose mass reaches `top_p`, drop tokens whose probability is below `min_p` times the
    largest, then draw from the softmax of what is left.
 
@@ -34,6 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.structured_output import Grammar, allowed_tokens
 
 
 @dataclass(frozen=True)
@@ -56,25 +61,41 @@ class SamplingState:
 
     The engine keeps one per sequence and appends to `output_token_ids` after each step; the generator
     carries the seeded stream across steps. Build it with `from_params` so the seed is derived the same
-    way everywhere.
+    way everywhere. `stop_token_ids` (the end of sequence and the request's stop tokens) are banned while the
+    row has fewer than `params.min_tokens`; `bad_words_ids` are the token sequences of its bad words;
+    `grammar` follows its structured output.
     """
 
     params: SamplingParams
     generator: torch.Generator | None = None
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    grammar: Grammar | None = None
 
     @classmethod
     def from_params(cls, params: SamplingParams, prompt_token_ids: Sequence[int] = (), sample_index: int = 0,
-                    device: torch.device | str = "cpu") -> "SamplingState":
-        """State for sample `sample_index` of a request; seeded with `params.sample_seed(sample_index)`."""
+                    device: torch.device | str = "cpu", **constraints) -> "SamplingState":
+        """State for sample `sample_index` of a request; seeded with `params.sample_seed(sample_index)`.
+        `constraints`: `stop_token_ids`, `bad_words_ids` and `grammar`, as the engine resolved them."""
         seed = params.sample_seed(sample_index)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed)
         return cls(params=params, generator=generator, prompt_token_ids=list(prompt_token_ids),
-                   output_token_ids=[])
+                   output_token_ids=[], **constraints)
+
+    def banned_token_ids(self) -> list[int]:
+        """Tokens this row may not take next (its grammar aside): see step 3 of the module docstring."""
+        output = self.output_token_ids
+        banned = list(self.stop_token_ids) if len(output) < self.params.min_tokens else []
+        for word in self.bad_words_ids:
+            head = word[:-1]
+            if len(output) >= len(head) and tuple(output[len(output) - len(head):]) == head:
+                banned.append(word[-1])
+        return banned
 
     def skip(self, num_tokens: int, vocab_size: int) -> None:
         """Advance the seeded stream past `num_tokens` sampled tokens, as if they had been drawn here.
@@ -103,7 +124,7 @@ def sample(logits: torch.Tensor, requests: Sequence[SamplingState]) -> SamplerOu
         raise ValueError(f"logits must be [B, V] with B = {len(requests)} rows, got {tuple(logits.shape)}")
     if logits.dtype != torch.float32:
         raise ValueError(f"logits must be float32 (cast before sampling), got {logits.dtype}")
-    work = apply_penalties(logits.clone(), requests)  # [B, V]
+    work = apply_bans(apply_penalties(logits.clone(), requests), requests)  # [B, V]
     token_ids = work.argmax(dim=-1)  # [B]
     rows = [i for i, state in enumerate(requests) if not state.params.is_greedy]
     if rows:
@@ -161,6 +182,24 @@ def apply_penalties(logits: torch.Tensor, requests: Sequence[SamplingState]) -> 
         frequency = _column([p.frequency_penalty for p in params], logits)  # [B, 1]
         logits -= presence * (output_counts > 0) + frequency * output_counts
     return logits
+
+
+def apply_bans(logits: torch.Tensor, requests: Sequence[SamplingState]) -> torch.Tensor:
+    """Set to -inf in `logits` [B, V] the tokens each row may not take (step 3 of the module docstring)."""
+    banned = [(i, ids) for i, state in enumerate(requests) if (ids := state.banned_token_ids())]
+    grammars = [(i, state.grammar) for i, state in enumerate(requests) if state.grammar is not None]
+    if not banned and not grammars:
+        return logits
+    allowed = torch.ones(logits.shape, dtype=torch.bool)  # [B, V], on the CPU where the grammars write
+    if grammars:
+        allowed[[i for i, _ in grammars]] = allowed_tokens([g for _, g in grammars], logits.shape[1])
+    by_grammar = allowed.clone() if grammars and banned else allowed
+    for i, ids in banned:
+        allowed[i, ids] = False
+    emptied = ~allowed.any(dim=-1)  # [B]: the bans left nothing; the grammar's mask alone applies
+    if emptied.any():
+        allowed[emptied] = by_grammar[emptied]
+    return logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ Types are checked strictly because JSON clients get them wrong in ways Python wo
 `True` is an `int`, `16.0` looks like an int, `"16"` is truthy. An int field accepts only a real `int`; a
 float field accepts an `int` or a `float` (stored as `float`) but never a `bool`, NaN or infinity.
 
-`stop` and `stop_token_ids` are normalised to tuples so that the frozen dataclass stays hashable and
-consumers can always iterate (`stop=None` becomes `()`).
+`stop`, `stop_token_ids` and `bad_words` are normalised to tuples so that the frozen dataclass stays
+hashable and consumers can always iterate (`stop=None` becomes `()`).
 """
 
 import math
@@ -33,6 +33,14 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 256
 """Most stop token ids; a bound only so that a request cannot ship an unbounded list."""
 
+MAX_BAD_WORDS = 256
+"""Most `bad_words`; each is checked against every row's output tail at every step."""
+
+MAX_GRAMMAR_CHARS = 64 * 1024
+"""Longest structured-output specification (a schema, regex, grammar or choice list), in characters."""
+
+STRUCTURED_OUTPUT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
 MAX_PENALTY = 2.0
 """Presence/frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)."""
 
@@ -47,6 +55,36 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 uses the same threshold)."""
 
 _MASK_64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on the output's text, by `kind`:
+
+    - "json": `spec` is a JSON schema (as JSON text); "json_object": any JSON object (`spec` empty);
+    - "regex": `spec` is a regular expression the whole output matches;
+    - "choice": `spec` is a JSON list of strings, the output is one of them;
+    - "grammar": `spec` is a grammar in Lark syntax (GBNF is accepted too; see engine/structured_output.py).
+
+    `param` is the request field it came from, so that an error in `spec` names that field.
+    """
+
+    kind: str
+    spec: str
+    param: str = "structured_outputs"
+
+    def __post_init__(self):
+        if self.kind not in STRUCTURED_OUTPUT_KINDS:
+            raise SamplingParamsError(f"structured output kind must be one of {', '.join(STRUCTURED_OUTPUT_KINDS)}"
+                                      f", got {self.kind!r}", param=self.param)
+        if not isinstance(self.spec, str):
+            raise SamplingParamsError(f"{self.param} must be given as text, got {type(self.spec).__name__}",
+                                      param=self.param)
+        if len(self.spec) > MAX_GRAMMAR_CHARS:
+            raise SamplingParamsError(f"{self.param} is {len(self.spec):,} characters; this server takes at most "
+                                      f"{MAX_GRAMMAR_CHARS:,}", param=self.param)
+        if not self.spec and self.kind != "json_object":
+            raise SamplingParamsError(f"{self.param} is empty", param=self.param)
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
@@ -57,6 +95,10 @@ class SamplingParams:
     `temperature` 0 means greedy (argmax); `top_k` 0 or -1 and `top_p` 1 and `min_p` 0 switch those
     filters off. `logprobs=k` returns, per generated token, the sampled token's logprob plus the top k
     (0 = the sampled token's only); `prompt_logprobs=k` does the same for every prompt token.
+    `min_tokens` holds back the end of sequence, stop tokens and stop strings until that many tokens were
+    generated; `include_stop_str_in_output` keeps a matched stop string in the text; `bad_words` are never
+    generated (each as a word: the token sequence of the word, with and without a leading space);
+    `structured_outputs` constrains the text (see `StructuredOutputs`).
     `repetition_penalty` follows Hugging Face (over prompt and output tokens, 1 = off); presence and
     frequency penalties follow OpenAI (over output tokens only, 0 = off).
     """
@@ -76,6 +118,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    bad_words: tuple[str, ...] | list[str] = ()
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self):
         self._check_counts()
@@ -86,9 +132,12 @@ class SamplingParams:
             _check_int("seed", self.seed)
             if not 0 <= self.seed < MAX_SEED:
                 raise SamplingParamsError(f"seed must be in [0, 2**63), got {self.seed}", param="seed")
-        if not isinstance(self.ignore_eos, bool):
-            raise SamplingParamsError(f"ignore_eos must be true or false, got {self.ignore_eos!r}",
-                                      param="ignore_eos")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingParamsError(f"{name} must be true or false, got {getattr(self, name)!r}", param=name)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise SamplingParamsError("structured_outputs must be a StructuredOutputs, got "
+                                      f"{type(self.structured_outputs).__name__}", param="structured_outputs")
         self._store_floats()
 
     @property
@@ -119,6 +168,10 @@ class SamplingParams:
         if self.max_tokens > MAX_TOKENS_LIMIT:
             raise SamplingParamsError(f"max_tokens must be at most {MAX_TOKENS_LIMIT:,}, "
                                       f"got {self.max_tokens:,}", param="max_tokens")
+        _check_int("min_tokens", self.min_tokens)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingParamsError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), "
+                                      f"got {self.min_tokens}", param="min_tokens")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is None:
@@ -182,6 +235,14 @@ class SamplingParams:
             raise SamplingParamsError(f"stop_token_ids must be non-negative integers, got {list(ids)!r}",
                                       param="stop_token_ids")
         object.__setattr__(self, "stop_token_ids", tuple(ids))
+
+        words = self.bad_words
+        if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
+            raise SamplingParamsError("bad_words must be a list of non-blank strings", param="bad_words")
+        if len(words) > MAX_BAD_WORDS:
+            raise SamplingParamsError(f"bad_words may hold at most {MAX_BAD_WORDS} words, got {len(words)}",
+                                      param="bad_words")
+        object.__setattr__(self, "bad_words", tuple(words))
 
     def _float(self, name: str) -> float:
         """Check that field `name` is a finite real number and return it (as given, for the messages)."""

@@ -18,6 +18,7 @@ Tekken has no dummy prefix and its decoding needs no context, so the flag change
 """
 
 import importlib.resources
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ BUNDLED_TOKENIZERS: dict[str, str] = {
 MODEL_DIR_TOKENIZER_FILES = ("tekken.json", "tokenizer.model.v<N> (e.g. tokenizer.model.v3, *.model.v7m1)",
                              "tokenizer.model")
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
+_SEPARATOR = "\x02"  # a control character: byte-fallback pieces of its own in every sentencepiece vocabulary
 # OpenAI roles mistral-common converts ("developer" is OpenAI's new name for "system").
 _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # v1 ends a user turn with the text "[/INST]" (4 pieces); later versions with a control token.
@@ -137,6 +140,37 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         """Whether the id is a control token (`<s>`, `[INST]`, ...): it decodes to no text."""
         return self._inner.is_special(int(token_id))
+
+    def control_token_name(self, token_id: int) -> str:
+        """A control token's name, e.g. "[INST]" or "</s>"."""
+        return self._inner.id_to_piece(int(token_id))
+
+    def token_bytes(self) -> list[bytes | None]:
+        """What each id spells inside a text, as bytes; None for control tokens, which spell nothing. A
+        sentencepiece `▁` is a space and a byte-fallback piece `<0xAB>` is its byte; tekken's pieces are bytes."""
+        inner = self._inner
+        spelled: list[bytes | None] = []
+        for token_id in range(self.vocab_size):
+            if self.is_special(token_id) or (isinstance(inner, SentencePieceTokenizer) and token_id == inner.unk_id):
+                spelled.append(None)
+            elif not isinstance(inner, SentencePieceTokenizer):
+                spelled.append(inner.id_to_byte_piece(token_id))
+            elif byte := _BYTE_PIECE.fullmatch(piece := inner.id_to_piece(token_id)):
+                spelled.append(bytes([int(byte[1], 16)]))
+            else:
+                spelled.append(piece.replace("\u2581", " ").encode())
+        return spelled
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` as it would continue a text: no BOS and no sentencepiece dummy prefix (encode("a")
+        would read "▁a"), so that the ids spell `text` exactly. Sentencepiece gets the text after a control
+        character, which no piece merges with, and its ids are cut off again."""
+        if self._anchor_id is None:
+            return self.encode(text, add_bos=False)
+        head = self.encode(_SEPARATOR, add_bos=False)
+        ids = self.encode(_SEPARATOR + text, add_bos=False)
+        assert ids[:len(head)] == head, (text, ids[:len(head)], head)
+        return ids[len(head):]
 
     # ---- text ----
 

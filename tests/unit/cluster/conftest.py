@@ -1,9 +1,16 @@
 """A `Frontend` over one in-process engine (the tiny preset): the servers' tests run without Ray."""
 
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+
 import pytest
+import uvicorn
 
 from cluster.config import Limits
 from cluster.frontend import Frontend, LocalShards
+from cluster.http_api import build_http_app
 
 
 def make_frontend(llm, limits: Limits = Limits(), expert_info=None, rebalance=None) -> Frontend:
@@ -23,3 +30,26 @@ def async_llm():
 @pytest.fixture
 def frontend(async_llm) -> Frontend:
     return make_frontend(async_llm)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def serve_http(frontend: Frontend, **options) -> Iterator[str]:
+    """Run the app under uvicorn on 127.0.0.1 (a port the OS picks); yields the base URL."""
+    config = uvicorn.Config(build_http_app(frontend, **options), host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive())
+        assert server.started, "uvicorn failed to start"
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

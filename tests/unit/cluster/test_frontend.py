@@ -171,7 +171,7 @@ def test_admission_limits_refuse_instead_of_queueing(async_llm):
 
 def test_edge_checks_before_any_shard(async_llm):
     frontend = make_frontend(async_llm, Limits(max_n=4))
-    with pytest.raises(InvalidRequestError, match="at most 4"):
+    with pytest.raises(InvalidRequestError, match="between 1 and 4"):
         frontend.check([1, 2], SamplingParams(n=5))
     with pytest.raises(InvalidRequestError, match="256"):
         frontend.check([1] * 300, SamplingParams())

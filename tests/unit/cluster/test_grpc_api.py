@@ -5,11 +5,13 @@ belong to it); the tests are synchronous gRPC clients, as a user's program would
 """
 
 import asyncio
+import json
 import socket
 import threading
 import time
 
 import grpc
+import jsonschema
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -213,7 +215,47 @@ def test_health_follows_the_frontend_and_reflection_lists_the_services(serve, as
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         (reply,) = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         services = {s.name for s in reply.list_services_response.service}
-    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= services
+        # v1, what grpcurl asks first, answers the same messages (v1 and v1alpha share their fields)
+        v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                   request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                   response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        (reply,) = v1(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME)]))
+        assert reply.file_descriptor_response.file_descriptor_proto
+    assert {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= services
+
+
+SCHEMA = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 10},
+                                          "count": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["word", "count"], "additionalProperties": False}
+
+
+def test_structured_output_and_vllm_fields(serve, async_llm):
+    with InferenceClient(serve()) as client:
+        out = client.chat("Answer as JSON", max_tokens=100, temperature=1.0, seed=3, n=2,
+                          structured_outputs={"json": SCHEMA})
+        for choice in out.choices:
+            jsonschema.validate(json.loads(choice.text), SCHEMA)
+        stream = client.generate_stream("Answer as JSON", max_tokens=100, temperature=0.7, seed=1,
+                                        structured_outputs={"json": SCHEMA})
+        jsonschema.validate(json.loads("".join(c.text for m in stream for c in m.choices)), SCHEMA)
+        picked = client.generate("Pick:", max_tokens=10, temperature=1.0, seed=2, n=4,
+                                 structured_outputs={"choice": ["yes", "no"]})
+        assert {c.text for c in picked.choices} <= {"yes", "no"}
+        with pytest.raises(InvalidRequest, match="structured_outputs.regex"):
+            client.generate("Hi", structured_outputs={"regex": "(a"})
+        scored = client.generate(PROMPT, max_tokens=2, prompt_logprobs=1, truncate_prompt_tokens=3)
+        assert scored.usage.prompt_tokens == 3 and len(scored.prompt_logprobs) == 2
+        assert [p.sampled.token_id for p in scored.prompt_logprobs] == async_llm.tokenizer.encode(PROMPT)[-2:]
+
+
+def test_the_client_refuses_what_the_server_would_before_sending(serve):
+    with InferenceClient(f"127.0.0.1:{_free_port()}") as client:  # no server: nothing is sent
+        with pytest.raises(InvalidRequest, match="no \"temprature\" field"):
+            client.generate("Hi", temprature=0)
+        with pytest.raises(InvalidRequest, match="structured_outputs.choice must be a non-empty list"):
+            client.generate("Hi", structured_outputs={"choice": []})
+        with pytest.raises(InvalidRequest, match="structured_outputs takes exactly one"):
+            client.generate("Hi", structured_outputs={"json_object": False})
 
 
 # ---- status codes ----
@@ -221,13 +263,25 @@ def test_health_follows_the_frontend_and_reflection_lists_the_services(serve, as
 @pytest.mark.parametrize("rpc, request_, message", [
     ("Generate", pb.GenerateRequest(), "no prompt"),
     ("Generate", pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(temperature=-1)), "temperature"),
-    ("GenerateStream", pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(n=17)), "at most 16"),
+    ("GenerateStream", pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(n=17)), "between 1 and 16"),
+    ("Generate", pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(min_tokens=9, max_tokens=3)),
+     "min_tokens"),
+    ("GenerateStream", pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(prompt_logprobs=1)),
+     "prompt_logprobs is not available with stream"),
+    ("Generate", pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(
+        structured_outputs=pb.StructuredOutputs(json='{"type": "object", "properties": {"a": {"$ref": "#/x"}}}'))),
+     "structured_outputs.json"),
+    ("Chat", pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="Hi")], sampling=pb.SamplingParams(
+        structured_outputs=pb.StructuredOutputs(regex="(a"))), "structured_outputs.regex"),
+    ("Generate", pb.GenerateRequest(text="hello " * 100, sampling=pb.SamplingParams(max_tokens=100)),
+     "context is 256 tokens"),
     ("Generate", pb.GenerateRequest(text="Hi", sampling=pb.SamplingParams(seed=2**63)), "seed"),
     ("Generate", pb.GenerateRequest(text="hello " * 300), "max_model_len"),
     ("Generate", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 10**9])), "outside the vocabulary"),
     ("Chat", pb.ChatRequest(messages=[pb.ChatMessage(role="assistant", content="Hi")]), "user turn first"),
     ("ChatStream", pb.ChatRequest(messages=[pb.ChatMessage(role="pirate", content="Arr")]), "role"),
-], ids=["no-prompt", "temperature", "n-over-limit", "seed", "too-long", "vocabulary", "chat-order", "chat-role"])
+], ids=["no-prompt", "temperature", "n-over-limit", "min-tokens", "prompt-logprobs-stream", "bad-schema",
+        "bad-regex", "over-context", "seed", "too-long", "vocabulary", "chat-order", "chat-role"])
 def test_bad_requests_are_invalid_argument(serve, rpc, request_, message):
     with grpc.insecure_channel(serve()) as channel:
         code, details = _code(getattr(inference_pb2_grpc.InferenceStub(channel), rpc), request_)

@@ -5,50 +5,24 @@ import asyncio
 import contextlib
 import json
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx2
 import openai
 import pytest
-import uvicorn
 
 from cluster.config import Limits
 from cluster.frontend import Frontend, LocalShards
-from cluster.http_api import build_http_app
 from engine.errors import EngineDeadError
 from engine.sampling_params import SamplingParams
-from tests.unit.cluster.conftest import make_frontend
+from tests.unit.cluster.conftest import make_frontend, serve_http as serve, wait_for
 
 KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 4096
 CHAT = [{"role": "user", "content": "Hi"}]
 GREEDY = dict(model="tiny", temperature=0, extra_body={"ignore_eos": True})  # the tiny model may emit EOS early
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(0.005)
-
-
-@contextlib.contextmanager
-def serve(frontend: Frontend, **options) -> Iterator[str]:
-    """Run the app under uvicorn on 127.0.0.1 (a port the OS picks); yields the base URL."""
-    config = uvicorn.Config(build_http_app(frontend, **options), host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive())
-        assert server.started, "uvicorn failed to start"
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +127,51 @@ BAD_REQUESTS = [
     ("missing prompt", "POST", COMPLETIONS, dict(json={"model": "tiny"}), 400, "invalid_request_error", "prompt"),
     ("prompt mixes types", "POST", COMPLETIONS, dict(json={"prompt": [1, "a"]}), 400, "invalid_request_error",
      "prompt"),
-    ("several prompts", "POST", COMPLETIONS, dict(json={"prompt": ["a", "b"]}), 400, "invalid_request_error",
+    ("too many prompts", "POST", COMPLETIONS, dict(json={"prompt": ["a"] * 129}), 400, "invalid_request_error",
      "prompt"),
+    ("unknown field", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "temprature": 0}), 400,
+     "invalid_request_error", "temprature"),
+    ("unknown nested field", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "stream": True,
+                                                            "stream_options": {"include_usage": True, "x": 1}}),
+     400, "invalid_request_error", "stream_options.x"),
+    ("beam search", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "use_beam_search": True}), 400,
+     "invalid_request_error", "use_beam_search"),
+    ("chat_template", "POST", CHATS, dict(json={"messages": CHAT, "chat_template": "{{ x }}"}), 400,
+     "invalid_request_error", "chat_template"),
+    ("min_tokens over max_tokens", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "min_tokens": 100,
+                                                                  "max_tokens": 3}), 400,
+     "invalid_request_error", "min_tokens"),
+    ("prompt_logprobs with stream", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "prompt_logprobs": 1,
+                                                                   "stream": True}), 400,
+     "invalid_request_error", "prompt_logprobs"),
+    ("prompt and max_tokens over the context", "POST", COMPLETIONS, dict(json={"prompt": "hello " * 100,
+                                                                              "max_tokens": 100}), 400,
+     "invalid_request_error", "max_tokens"),
+    ("chat over the context", "POST", CHATS, dict(json={"messages": [{"role": "user", "content": "hello " * 100}],
+                                                       "max_completion_tokens": 100}), 400,
+     "invalid_request_error", "max_completion_tokens"),
+    ("bad_words not a list", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "bad_words": "x"}), 400,
+     "invalid_request_error", "bad_words"),
+    ("truncate_prompt_tokens zero", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "truncate_prompt_tokens": 0}),
+     400, "invalid_request_error", "truncate_prompt_tokens"),
+    ("invalid JSON schema", "POST", CHATS, dict(json={"messages": CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+            "a": {"$ref": "#/nowhere"}}}}}}), 400, "invalid_request_error", "response_format.json_schema.schema"),
+    ("json_schema without a schema", "POST", CHATS, dict(json={"messages": CHAT, "response_format": {
+        "type": "json_schema"}}), 400, "invalid_request_error", "response_format.json_schema"),
+    ("unknown response_format", "POST", CHATS, dict(json={"messages": CHAT, "response_format": {"type": "yaml"}}),
+     400, "invalid_request_error", "response_format.type"),
+    ("bad regex", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "structured_outputs": {"regex": "(a"}}), 400,
+     "invalid_request_error", "structured_outputs.regex"),
+    ("bad grammar", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "guided_grammar": "start: nothing"}), 400,
+     "invalid_request_error", "guided_grammar"),
+    ("two constraints", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "guided_regex": "a", "guided_choice": ["b"]}),
+     400, "invalid_request_error", "guided_choice"),
+    ("empty structured_outputs", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "structured_outputs": {}}), 400,
+     "invalid_request_error", "structured_outputs"),
+    ("tools", "POST", CHATS, dict(json={"messages": CHAT, "tools": [{"type": "function",
+                                                                     "function": {"name": "f"}}]}), 400,
+     "invalid_request_error", "tools"),
     ("token outside vocab", "POST", COMPLETIONS, dict(json={"prompt": [1, 10**9]}), 400, "invalid_request_error",
      "prompt"),
     ("max_tokens string", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "max_tokens": "ten"}), 400,
@@ -215,6 +232,8 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(async_llm, base,
             assert (error["type"], error["param"]) == (kind, param), (what, error)
             if what == "prompt over the context":
                 assert "256" in error["message"] and str(num_long) in error["message"]
+            if what == "prompt and max_tokens over the context":  # both lengths, as vLLM and OpenAI name them
+                assert "context is 256 tokens" in error["message"] and "100 to generate" in error["message"]
             if status == 401:
                 assert reply.headers["WWW-Authenticate"] == "Bearer"
     out = client.completions.create(model="tiny", prompt="Hi", max_tokens=2)

@@ -1,0 +1,81 @@
+"""The gRPC API's request messages as the one request model (`cluster/api_request.py`), both ways.
+
+The server reads a `GenerateRequest` or `ChatRequest` message into the same `CompletionRequest` / `ChatRequest`
+the HTTP API validates, so both APIs share fields, defaults and error messages. The Python client builds its
+messages from keyword arguments and reads them back through the same function before sending, so a mistake is
+refused on the client with the server's own message.
+
+The proto's `SamplingParams` names its fields as the engine does; for chat, `logprobs` is the number of top
+alternatives (OpenAI's chat `logprobs: true` with `top_logprobs`).
+"""
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from cluster.api_request import ChatRequest, CompletionRequest, parse_request
+from protos import inference_pb2 as pb
+
+# Fields declared `optional` in the proto: absent means the request model's default.
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "logprobs", "presence_penalty",
+             "frequency_penalty", "repetition_penalty", "min_tokens", "prompt_logprobs", "truncate_prompt_tokens")
+_LISTS = ("stop", "stop_token_ids", "bad_words")
+_FLAGS = ("ignore_eos", "include_stop_str_in_output")
+
+
+def read_request(message: pb.GenerateRequest | pb.ChatRequest, stream: bool) -> CompletionRequest | ChatRequest:
+    """The request a message asks for; raises `InvalidRequestError` as the HTTP API would."""
+    chat = isinstance(message, pb.ChatRequest)
+    fields: dict[str, Any] = _sampling_fields(message.sampling, chat)
+    if message.HasField("model"):
+        fields["model"] = message.model
+    if chat:
+        fields["messages"] = [{"role": m.role, "content": m.content} for m in message.messages]
+    else:
+        form = message.WhichOneof("prompt")
+        if form is not None:
+            fields["prompt"] = message.text if form == "text" else list(message.token_ids.ids)
+    return parse_request({**fields, "stream": stream}, chat)
+
+
+def build_message(prompt: str | Sequence[int] | Sequence[dict[str, str]], model: str | None, chat: bool,
+                  sampling: dict[str, Any]) -> pb.GenerateRequest | pb.ChatRequest:
+    """A request message from the client's keyword arguments (named as the proto's `SamplingParams` fields;
+    `stop` may be one string, `structured_outputs` a dict with a schema as a dict). Raises `ValueError` for a
+    field the proto does not have and `InvalidRequestError` for what the server would refuse."""
+    sampling = dict(sampling)
+    if isinstance(sampling.get("stop"), str):  # one stop string, as the engine takes it (not its characters)
+        sampling["stop"] = [sampling["stop"]]
+    if isinstance(constraint := sampling.get("structured_outputs"), dict):
+        sampling["structured_outputs"] = _constraint_message(constraint)
+    params = pb.SamplingParams(**sampling)
+    if chat:
+        message = pb.ChatRequest(model=model, messages=[pb.ChatMessage(**m) for m in prompt], sampling=params)
+    else:
+        form = {"text": prompt} if isinstance(prompt, str) else {"token_ids": pb.TokenIds(ids=prompt)}
+        message = pb.GenerateRequest(model=model, sampling=params, **form)
+    read_request(message, stream=False)
+    return message
+
+
+def _sampling_fields(sampling: pb.SamplingParams, chat: bool) -> dict[str, Any]:
+    fields: dict[str, Any] = {name: getattr(sampling, name) for name in _OPTIONAL if sampling.HasField(name)}
+    fields.update({name: list(getattr(sampling, name)) for name in _LISTS if getattr(sampling, name)})
+    fields.update({name: True for name in _FLAGS if getattr(sampling, name)})
+    if chat and "logprobs" in fields:
+        fields["logprobs"], fields["top_logprobs"] = True, fields["logprobs"]
+    if sampling.HasField("structured_outputs"):
+        constraint = sampling.structured_outputs
+        kind = constraint.WhichOneof("kind")
+        value = getattr(constraint, kind) if kind is not None else None
+        fields["structured_outputs"] = {kind: list(value.choices) if kind == "choice" else value} if kind else {}
+    return fields
+
+
+def _constraint_message(constraint: dict[str, Any]) -> pb.StructuredOutputs:
+    fields = dict(constraint)
+    if isinstance(fields.get("json"), dict):
+        fields["json"] = json.dumps(fields["json"])
+    if isinstance(fields.get("choice"), list):
+        fields["choice"] = pb.Choices(choices=fields["choice"])
+    return pb.StructuredOutputs(**fields)
