@@ -23,7 +23,11 @@ as in vLLM):
 - completions: `prompt` (a string or a list of token ids, or a list of up to `MAX_PROMPTS` of either: a batch
   whose choices are numbered prompt by prompt), `max_tokens` (default 16, like OpenAI), `logprobs` (top-k).
 - chat: `messages`, `max_completion_tokens` or its older name `max_tokens` (default: the rest of the context,
-  as in vLLM), `logprobs` (bool) with `top_logprobs` (count).
+  as in vLLM), `logprobs` (bool) with `top_logprobs` (count), `tools` with `tool_choice` ("auto" by default with
+  tools; "none", "required" or a named function) and `parallel_tool_calls` (cluster/tool_calls.py), and
+  `include_reasoning` (false: the response leaves out a reasoning model's thinking).
+- reasoning models: a thinking budget, OpenAI's `reasoning_effort` (`REASONING_EFFORT_TOKENS`) or msem's
+  `max_thinking_tokens`: at the budget the engine writes `[/THINK]` and the answer follows.
 
 Ranges are `SamplingParams`' to check (one source of truth); this module checks types and shapes, strictly: a
 JSON `true` is no integer and `"16"` no number. A field this server does not implement is refused by name
@@ -39,6 +43,8 @@ from engine.errors import InvalidRequestError, PromptTooLongError, SamplingParam
 from engine.sampling_params import SamplingParams, StructuredOutputs
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+REASONING_EFFORT_TOKENS = {"low": 256, "medium": 1024, "high": 4096}
+"""The thinking budget (`max_thinking_tokens`) each OpenAI `reasoning_effort` stands for."""
 MAX_PROMPTS = 128
 """Most prompts in one completions request; each is its own request on the shards."""
 
@@ -46,8 +52,8 @@ MAX_PROMPTS = 128
 # nothing (a client that sends those is served).
 UNSUPPORTED: dict[str, tuple] = {
     "echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},), "functions": ([],),
-    "function_call": ("none",), "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
-    "use_beam_search": (False,), "length_penalty": (1, 1.0), "chat_template": (), "chat_template_kwargs": ({},),
+    "function_call": ("none",), "use_beam_search": (False,), "length_penalty": (1, 1.0), "chat_template": (),
+    "chat_template_kwargs": ({},),
     "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "logits_processors": ([],),
     "allowed_token_ids": (), "guided_decoding_backend": (), "structural_tag": (),
 }
@@ -83,6 +89,27 @@ class StructuredOutputsRequest(_Model):
     json_object: bool | None = None
 
 
+class FunctionDefinition(_Model):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class _Request(_Model):
     model: str | None = None
     stream: bool = False
@@ -111,6 +138,8 @@ class _Request(_Model):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    max_thinking_tokens: int | None = None
 
     is_chat: ClassVar[bool] = False
     _constraint: StructuredOutputs | None = PrivateAttr(None)  # from whichever field asked, set by parse_request
@@ -142,6 +171,8 @@ class _Request(_Model):
         if (logprobs := self._logprobs()) is not None:
             fields["logprobs"] = logprobs
         fields["structured_outputs"] = self._constraint
+        if self.reasoning_effort is not None:
+            fields["max_thinking_tokens"] = REASONING_EFFORT_TOKENS[self.reasoning_effort]
         try:
             params = SamplingParams(**fields)
         except SamplingParamsError as error:
@@ -184,7 +215,7 @@ class _Request(_Model):
 
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "top_k",
                     "min_p", "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens",
-                    "include_stop_str_in_output", "bad_words", "prompt_logprobs")
+                    "include_stop_str_in_output", "bad_words", "prompt_logprobs", "max_thinking_tokens")
 
 
 class CompletionRequest(_Request):
@@ -214,6 +245,25 @@ class ChatRequest(_Request):
     max_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    include_reasoning: bool = True
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the tools go in the prompt and calls are read from the output (not with `tool_choice` none)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forced_functions(self) -> list[dict[str, Any]] | None:
+        """The functions the output must call ("required": any of the tools; a named one: that one), else None."""
+        if not self.tools or self.tool_choice in (None, "auto", "none"):
+            return None
+        functions = [tool.function.model_dump(exclude_none=True) for tool in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [f for f in functions if f["name"] == self.tool_choice.function.name]
+        return functions
 
     def _max_tokens(self) -> tuple[str, int | None]:
         if self.max_completion_tokens is not None:
@@ -282,6 +332,9 @@ def _check(request: _Request) -> None:
     request._constraint = request._structured_outputs()
     if request.stream_options is not None and not request.stream:
         raise InvalidRequestError("stream_options is only allowed with stream set to true", param="stream_options")
+    if request.reasoning_effort is not None and request.max_thinking_tokens is not None:
+        raise InvalidRequestError("reasoning_effort and max_thinking_tokens both set a thinking budget; send one",
+                                  param="max_thinking_tokens")
     if request.prompt_logprobs is not None and request.stream:
         raise InvalidRequestError("prompt_logprobs is not available with stream set to true",
                                   param="prompt_logprobs")
@@ -290,8 +343,24 @@ def _check(request: _Request) -> None:
         if not 1 <= len(prompts) <= MAX_PROMPTS:
             raise InvalidRequestError(f"prompt holds {len(prompts)} prompts; send between 1 and {MAX_PROMPTS}",
                                       param="prompt")
-    elif request.top_logprobs is not None and not request.logprobs:
-        raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+    else:
+        if request.top_logprobs is not None and not request.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
+        _check_tools(request)
+
+
+def _check_tools(request: ChatRequest) -> None:
+    choice = request.tool_choice
+    if choice not in (None, "none", "auto") and not request.tools:
+        raise InvalidRequestError("tool_choice asks for a tool call, but the request has no tools",
+                                  param="tool_choice")
+    if isinstance(choice, NamedToolChoice) and not request.forced_functions:
+        names = ", ".join(tool.function.name for tool in request.tools or ())
+        raise InvalidRequestError(f"tool_choice names the function {choice.function.name!r}, which is not among "
+                                  f"the tools ({names})", param="tool_choice")
+    if request.forced_functions and request._constraint is not None:
+        raise InvalidRequestError("tool_choice forces a tool call, so the output cannot also follow "
+                                  "response_format or structured_outputs; send one of them", param="tool_choice")
 
 
 def _invalid(error: ValidationError, kind: type[_Model]) -> InvalidRequestError:

@@ -34,6 +34,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cluster import tool_calls
 from cluster.api_request import ChatRequest, CompletionRequest
 from cluster.config import Limits
 from cluster.errors import (OverloadedError, ShardLost, UnavailableError, UnknownModelError, as_unavailable,
@@ -96,6 +97,8 @@ class _Progress:
 
     token_ids: list[int] = field(default_factory=list)
     num_chars: int = 0
+    num_reasoning_chars: int = 0
+    num_tool_chars: int = 0
     finished: bool = False
 
 
@@ -148,12 +151,20 @@ class Frontend:
         """What each prompt of an API request runs: its token ids and validated `SamplingParams`. Tokenizing and
         compiling a grammar is CPU work that grows with the request: servers call this off their event loop."""
         self.check_model(request.model)
-        prompts = [self.encode_chat(request.messages)] if isinstance(request, ChatRequest) else \
-            [self.encode(prompt) for prompt in request.prompts]
+        if isinstance(request, ChatRequest):
+            tools = [tool.model_dump(exclude_none=True) for tool in request.tools or ()] if request.uses_tools else None
+            if tools:
+                tool_calls.check_support(self.tokenizer)
+            prompts = [self.tokenizer.encode_chat(request.messages, tools)]
+        else:
+            prompts = [self.encode(prompt) for prompt in request.prompts]
         runs = []
         for ids in prompts:
             ids = request.truncate(ids)
             params = request.sampling_params(len(ids), self.max_model_len, self.limits.max_n)
+            if isinstance(request, ChatRequest) and (functions := request.forced_functions):
+                params = dataclasses.replace(params, structured_outputs=tool_calls.grammar(
+                    self.tokenizer, functions, request.parallel_tool_calls))
             self.check(ids, params)
             runs.append((ids, params))
         return runs
@@ -336,6 +347,8 @@ class Frontend:
                 continue
             p.token_ids += out.token_ids
             p.num_chars += len(out.text)
+            p.num_reasoning_chars += len(out.reasoning)
+            p.num_tool_chars += len(out.tool_text)
             p.finished = out.finish_reason is not None
             outputs.append(dataclasses.replace(out, index=index))
         if not outputs and delta.prompt_logprobs is None:
@@ -351,14 +364,18 @@ class Frontend:
             if p.finished:
                 continue
             one = dataclasses.replace(params, n=1, seed=params.sample_seed(leg_index), prompt_logprobs=None)
-            resume = Resume(tuple(p.token_ids), p.num_chars) if p.token_ids else None
+            resume = Resume(tuple(p.token_ids), p.num_chars, p.num_reasoning_chars, p.num_tool_chars) \
+                if p.token_ids else None
             legs.append(_Leg(ShardRequest(f"{request.request_id}.{user_index}r{self.num_resubmits}",
                                           request.prompt_token_ids, one, resume, request.every_step), [user_index]))
         return legs
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0) -> dict:
     """OpenAI's `usage` object, which both APIs answer (gRPC's `Usage` message has the same fields);
-    `cached_tokens`: prompt tokens served from a KV cache tier instead of computed."""
+    `cached_tokens`: prompt tokens served from a KV cache tier instead of computed; `reasoning_tokens`: completion
+    tokens a reasoning model spent thinking."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}

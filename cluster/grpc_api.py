@@ -15,8 +15,8 @@ frontend's iterator and so aborts the request on its shard and frees its KV bloc
 
 With `api_keys`, every Inference call needs metadata `authorization: Bearer <key>` (UNAUTHENTICATED
 otherwise). The standard grpc.health.v1 service and server reflection stay open, so load balancers, probes and
-grpcurl work without a key; reflection answers as `grpc.reflection.v1` and `v1alpha`. Health follows `frontend.healthy()`, re-read every `health_interval_s` seconds by a
-task that ends with the server.
+grpcurl work without a key; reflection answers as `grpc.reflection.v1` and `v1alpha`. Health follows
+`frontend.healthy()`, re-read every `health_interval_s` seconds by a task that ends with the server.
 """
 
 import asyncio
@@ -30,6 +30,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from cluster.errors import OverloadedError, UnknownModelError, as_unavailable
+from cluster import tool_calls
+from cluster.api_request import ChatRequest, CompletionRequest
 from cluster.frontend import Frontend, usage
 from cluster.grpc_messages import read_request
 from engine.errors import InvalidRequestError
@@ -95,41 +97,50 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     # ---- request in, deltas out ----
 
     async def _prepare(self, request: pb.GenerateRequest | pb.ChatRequest, stream: bool
-                       ) -> tuple[list[int], SamplingParams]:
-        """The prompt's ids and sampling params, read through the HTTP API's request model on a worker thread
-        (tokenizing grows with the prompt; the event loop keeps serving meanwhile)."""
+                       ) -> tuple[CompletionRequest | ChatRequest, list[int], SamplingParams]:
+        """The request, its prompt's ids and sampling params, read through the HTTP API's request model on a
+        worker thread (tokenizing grows with the prompt; the event loop keeps serving meanwhile)."""
         if not isinstance(request, pb.ChatRequest) and request.WhichOneof("prompt") is None:
             raise InvalidRequestError("the request has no prompt: set `text` or `token_ids`", param="prompt")
 
-        def prepare() -> tuple[list[int], SamplingParams]:
-            [run] = self.frontend.prepare(read_request(request, stream))
-            return run
+        def prepare() -> tuple[CompletionRequest | ChatRequest, list[int], SamplingParams]:
+            parsed = read_request(request, stream)
+            [(ids, params)] = self.frontend.prepare(parsed)
+            return parsed, ids, params
 
         return await asyncio.to_thread(prepare)
 
-    async def _complete(self, ids: list[int], params: SamplingParams) -> pb.GenerateResponse:
+    async def _complete(self, request: CompletionRequest | ChatRequest, ids: list[int],
+                        params: SamplingParams) -> pb.GenerateResponse:
         output = None
         async with contextlib.aclosing(self.frontend.generate(ids, params, every_step=False)) as deltas:
             async for delta in deltas:
                 output = merge(output, delta)
         assert output is not None and output.finished, "a request's stream ends with its finished delta"
-        completion = sum(len(c.token_ids) for c in output.outputs)
         prompt_logprobs = [_position(lp, token_id, params.prompt_logprobs or 0)
                            for lp, token_id in zip((output.prompt_logprobs or [None])[1:], ids[1:])]
         return pb.GenerateResponse(id=output.request_id, model=self.frontend.model_name,
-                                   choices=[_choice(c, params.logprobs) for c in output.outputs],
-                                   usage=pb.Usage(**usage(len(ids), completion, output.num_cached_tokens)),
+                                   choices=[_choice(c, request, params.logprobs, c.tool_text) for c in output.outputs],
+                                   usage=_usage(len(ids), output.outputs, output.num_cached_tokens),
                                    prompt_logprobs=prompt_logprobs)
 
-    async def _stream(self, context: grpc.aio.ServicerContext, ids: list[int], params: SamplingParams) -> None:
-        completion = 0
+    async def _stream(self, context: grpc.aio.ServicerContext, request: CompletionRequest | ChatRequest,
+                      ids: list[int], params: SamplingParams) -> None:
+        sent: dict[int, CompletionOutput] = {}  # per choice: its tokens, tool text and reasoning tokens so far
         async with contextlib.aclosing(self.frontend.generate(ids, params)) as deltas:
             async for delta in deltas:
-                completion += sum(len(c.token_ids) for c in delta.outputs)
+                for c in delta.outputs:
+                    acc = sent.setdefault(c.index, CompletionOutput(c.index, "", []))
+                    acc.token_ids += c.token_ids
+                    acc.tool_text += c.tool_text
+                    acc.num_reasoning_tokens += c.num_reasoning_tokens
+                choices = [_choice(c, request, params.logprobs,
+                                   sent[c.index].tool_text if c.finish_reason is not None else None)
+                           for c in delta.outputs]
                 message = pb.GenerateStreamResponse(id=delta.request_id, model=self.frontend.model_name,
-                                                    choices=[_choice(c, params.logprobs) for c in delta.outputs])
+                                                    choices=choices)
                 if delta.finished:
-                    message.usage.CopyFrom(pb.Usage(**usage(len(ids), completion, delta.num_cached_tokens)))
+                    message.usage.CopyFrom(_usage(len(ids), list(sent.values()), delta.num_cached_tokens))
                 await context.write(message)
 
     # ---- keys and errors ----
@@ -176,8 +187,19 @@ def _model(request: pb.TokenizeRequest) -> str | None:
     return request.model if request.HasField("model") else None
 
 
-def _choice(out: CompletionOutput, num_top: int | None) -> pb.Choice:
-    choice = pb.Choice(index=out.index, text=out.text, token_ids=out.token_ids, finish_reason=out.finish_reason or "")
+def _choice(out: CompletionOutput, request: CompletionRequest | ChatRequest, num_top: int | None,
+            tool_text: str | None) -> pb.Choice:
+    """One choice (or a stream's delta of it); `tool_text`: the choice's whole tool-call text once it finished,
+    None before (a stream holds tool calls back until they are whole)."""
+    uses_tools = isinstance(request, ChatRequest) and request.uses_tools
+    calls, text = tool_calls.split(tool_text or "", out.text, uses_tools) if tool_text is not None else \
+        (None, out.text + ("" if uses_tools else tool_calls.plain_text(out.tool_text)))
+    show_reasoning = not isinstance(request, ChatRequest) or request.include_reasoning
+    choice = pb.Choice(index=out.index, text=text, token_ids=out.token_ids,
+                       finish_reason=tool_calls.finish_reason(out.finish_reason, calls) or "",
+                       reasoning=out.reasoning if show_reasoning else "",
+                       tool_calls=[pb.ToolCall(id=c["id"], name=c["function"]["name"],
+                                               arguments=c["function"]["arguments"]) for c in calls or ()])
     if out.logprobs is not None:
         choice.logprobs.extend(_position(lp, token_id, num_top or 0)
                                for token_id, lp in zip(out.token_ids, out.logprobs, strict=True))
@@ -186,6 +208,11 @@ def _choice(out: CompletionOutput, num_top: int | None) -> pb.Choice:
     elif isinstance(out.stop_reason, int):
         choice.stop_token_id = out.stop_reason
     return choice
+
+
+def _usage(num_prompt: int, outputs: list[CompletionOutput], num_cached: int) -> pb.Usage:
+    return pb.Usage(**usage(num_prompt, sum(len(c.token_ids) for c in outputs), num_cached,
+                            sum(c.num_reasoning_tokens for c in outputs)))
 
 
 def _position(logprobs: PositionLogprobs, token_id: int, num_top: int) -> pb.PositionLogprobs:

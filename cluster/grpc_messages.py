@@ -6,7 +6,10 @@ messages from keyword arguments and reads them back through the same function be
 refused on the client with the server's own message.
 
 The proto's `SamplingParams` names its fields as the engine does; for chat, `logprobs` is the number of top
-alternatives (OpenAI's chat `logprobs: true` with `top_logprobs`).
+alternatives (OpenAI's chat `logprobs: true` with `top_logprobs`). Tools, tool calls and a tool message's call id
+map onto OpenAI's chat JSON (a tool's parameters and a call's arguments travel as JSON text); the client takes
+them in OpenAI's shapes (`tools=[{"type": "function", "function": {...}}]`, `tool_choice="required"` or
+`{"type": "function", "function": {"name": ...}}`).
 """
 
 import json
@@ -14,11 +17,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from cluster.api_request import ChatRequest, CompletionRequest, parse_request
+from engine.errors import InvalidRequestError
 from protos import inference_pb2 as pb
 
 # Fields declared `optional` in the proto: absent means the request model's default.
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "logprobs", "presence_penalty",
-             "frequency_penalty", "repetition_penalty", "min_tokens", "prompt_logprobs", "truncate_prompt_tokens")
+             "frequency_penalty", "repetition_penalty", "min_tokens", "prompt_logprobs", "truncate_prompt_tokens",
+             "max_thinking_tokens", "reasoning_effort")
 _LISTS = ("stop", "stop_token_ids", "bad_words")
 _FLAGS = ("ignore_eos", "include_stop_str_in_output")
 
@@ -30,7 +35,8 @@ def read_request(message: pb.GenerateRequest | pb.ChatRequest, stream: bool) -> 
     if message.HasField("model"):
         fields["model"] = message.model
     if chat:
-        fields["messages"] = [{"role": m.role, "content": m.content} for m in message.messages]
+        fields["messages"] = [_message_fields(m) for m in message.messages]
+        fields.update(_tool_fields(message))
     else:
         form = message.WhichOneof("prompt")
         if form is not None:
@@ -48,14 +54,78 @@ def build_message(prompt: str | Sequence[int] | Sequence[dict[str, str]], model:
         sampling["stop"] = [sampling["stop"]]
     if isinstance(constraint := sampling.get("structured_outputs"), dict):
         sampling["structured_outputs"] = _constraint_message(constraint)
+    chat_fields = {name: sampling.pop(name) for name in _CHAT_FIELDS if name in sampling}
     params = pb.SamplingParams(**sampling)
     if chat:
-        message = pb.ChatRequest(model=model, messages=[pb.ChatMessage(**m) for m in prompt], sampling=params)
+        message = pb.ChatRequest(model=model, messages=[_message_proto(m) for m in prompt], sampling=params,
+                                 **_tools_proto(chat_fields))
     else:
         form = {"text": prompt} if isinstance(prompt, str) else {"token_ids": pb.TokenIds(ids=prompt)}
         message = pb.GenerateRequest(model=model, sampling=params, **form)
     read_request(message, stream=False)
     return message
+
+
+_CHAT_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "include_reasoning")
+
+
+def _message_fields(message: pb.ChatMessage) -> dict[str, Any]:
+    """A chat message as OpenAI's JSON has it."""
+    fields: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        fields["tool_calls"] = [{"id": call.id, "type": "function",
+                                 "function": {"name": call.name, "arguments": call.arguments}}
+                                for call in message.tool_calls]
+        fields["content"] = message.content or None
+    if message.tool_call_id:
+        fields["tool_call_id"] = message.tool_call_id
+    if message.reasoning:
+        fields["reasoning_content"] = message.reasoning
+    return fields
+
+
+def _message_proto(message: dict[str, Any]) -> pb.ChatMessage:
+    calls = [pb.ToolCall(id=call.get("id", ""), name=call["function"]["name"],
+                         arguments=call["function"].get("arguments", "{}")) for call in message.get("tool_calls") or ()]
+    return pb.ChatMessage(role=message["role"], content=message.get("content") or "", tool_calls=calls,
+                          tool_call_id=message.get("tool_call_id", ""),
+                          reasoning=message.get("reasoning_content") or message.get("reasoning") or "")
+
+
+def _tool_fields(message: pb.ChatRequest) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if message.tools:
+        fields["tools"] = [{"type": "function", "function": {
+            "name": tool.name, **({"description": tool.description} if tool.description else {}),
+            **({"parameters": _json(tool.parameters, "tools.parameters")} if tool.parameters else {})}}
+            for tool in message.tools]
+    if message.HasField("tool_choice"):
+        choice = message.tool_choice
+        fields["tool_choice"] = choice if choice in ("none", "auto", "required") else \
+            {"type": "function", "function": {"name": choice}}
+    for name in ("parallel_tool_calls", "include_reasoning"):
+        if message.HasField(name):
+            fields[name] = getattr(message, name)
+    return fields
+
+
+def _tools_proto(fields: dict[str, Any]) -> dict[str, Any]:
+    """The client's OpenAI-style `tools` and `tool_choice` as the proto's."""
+    fields = dict(fields)
+    if "tools" in fields:
+        fields["tools"] = [pb.Tool(name=t["function"]["name"], description=t["function"].get("description", ""),
+                                   parameters=json.dumps(t["function"].get("parameters") or {}))
+                           for t in fields["tools"]]
+    if isinstance(fields.get("tool_choice"), dict):
+        fields["tool_choice"] = fields["tool_choice"]["function"]["name"]
+    return fields
+
+
+def _json(text: str, param: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise InvalidRequestError(f"{param} is not valid JSON: {error}", param=param) from None
 
 
 def _sampling_fields(sampling: pb.SamplingParams, chat: bool) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from cluster import tool_calls
 from cluster.api_request import ChatRequest, CompletionRequest
 from cluster.frontend import usage
 from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput, ranked
@@ -66,11 +67,18 @@ class ResponseBuilder:
             is_first = sent is None
             if sent is None:
                 sent = self._sent[out.index] = CompletionOutput(out.index, "", [])
-            if is_first or out.text or out.logprobs or out.finish_reason is not None:
-                choice = self._choice(out, text_offset=len(sent.text), stream_first=is_first)
-                chunks.append(self._envelope(self._chunk_object, [choice], **extra))
+            text_offset = len(sent.text)
             sent.text += out.text
             sent.token_ids += out.token_ids
+            sent.tool_text += out.tool_text
+            sent.num_reasoning_tokens += out.num_reasoning_tokens
+            if not self.request.is_chat:
+                if is_first or out.text or out.reasoning or out.tool_text or out.logprobs or out.finish_reason:
+                    chunks.append(self._envelope(self._chunk_object, [self._completion_choice(out, text_offset)],
+                                                 **extra))
+                continue
+            chunks += [self._envelope(self._chunk_object, [choice], **extra)
+                       for choice in self._chat_deltas(out, sent.tool_text, is_first)]
         return chunks
 
     def usage_chunk(self) -> dict:
@@ -83,28 +91,75 @@ class ResponseBuilder:
     def _usage(self, outputs: Sequence[CompletionOutput]) -> dict:
         prompts = self._prompts.values()
         return usage(sum(count for count, _ in prompts), sum(len(o.token_ids) for o in outputs),
-                     sum(cached for _, cached in prompts))
+                     sum(cached for _, cached in prompts), sum(o.num_reasoning_tokens for o in outputs))
 
     def _envelope(self, obj: str, choices: list[dict], **extra) -> dict:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def _choice(self, out: CompletionOutput, text_offset: int, stream_first: bool | None = None) -> dict:
-        """One choice; `stream_first` is None for a whole answer, else whether the chunk is the choice's first."""
-        choice: dict[str, Any] = {"index": out.index}
+    def _choice(self, out: CompletionOutput, text_offset: int) -> dict:
+        """One choice of a whole answer."""
         if not self.request.is_chat:
-            choice["text"] = out.text
-            choice["logprobs"] = None if out.logprobs is None else _completion_logprobs(out, text_offset)
-        else:
-            if stream_first is None:
-                choice["message"] = {"role": "assistant", "content": out.text}
-            elif stream_first:
-                choice["delta"] = {"role": "assistant", "content": out.text}
-            else:
-                choice["delta"] = {"content": out.text} if out.text else {}
-            choice["logprobs"] = None if out.logprobs is None else _chat_logprobs(out, self.request.num_top_logprobs)
-        choice["finish_reason"] = out.finish_reason
-        if isinstance(out.stop_reason, (str, int)):
+            return self._completion_choice(out, text_offset)
+        calls, content = self._tool_calls(out.tool_text, out.text)
+        message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else ""),
+                                   **self._reasoning(out)}
+        if calls:
+            message["tool_calls"] = calls
+        return self._finish({"index": out.index, "message": message, "logprobs": self._chat_logprobs(out)}, out,
+                            calls)
+
+    def _completion_choice(self, out: CompletionOutput, text_offset: int) -> dict:
+        """A completion's choice (or a stream's delta of it): all the text, reasoning and tool calls included."""
+        text = out.reasoning + out.text + tool_calls.plain_text(out.tool_text)
+        choice = {"index": out.index, "text": text,
+                  "logprobs": None if out.logprobs is None else _completion_logprobs(out, text_offset)}
+        return self._finish(choice, out, None)
+
+    def _chat_deltas(self, out: CompletionOutput, tool_text: str, is_first: bool) -> list[dict]:
+        """A chat stream's choice deltas for one engine delta. Tool-call text is held until the choice finishes
+        (`tool_text` is all of it so far); then its calls go out as OpenAI streams them: each call's id and
+        name, then its arguments."""
+        calls, content = None, out.text
+        if out.finish_reason is not None:
+            calls, content = self._tool_calls(tool_text, out.text)
+        elif not self.request.uses_tools:
+            content += tool_calls.plain_text(out.tool_text)
+        delta: dict[str, Any] = {"role": "assistant"} if is_first else {}
+        delta.update(self._reasoning(out))
+        if content or is_first:
+            delta["content"] = content
+        logprobs = self._chat_logprobs(out)
+        deltas = [{"index": out.index, "delta": delta, "logprobs": logprobs}] \
+            if delta or logprobs or (out.finish_reason and not calls) else []
+        for k, call in enumerate(calls or ()):
+            name, arguments = call["function"]["name"], call["function"]["arguments"]
+            deltas.append({"index": out.index, "logprobs": None, "delta": {"tool_calls": [
+                {"index": k, "id": call["id"], "type": "function", "function": {"name": name, "arguments": ""}}]}})
+            deltas.append({"index": out.index, "logprobs": None, "delta": {"tool_calls": [
+                {"index": k, "function": {"arguments": arguments}}]}})
+        for choice in deltas[:-1]:
+            choice["finish_reason"] = None
+        if deltas:
+            self._finish(deltas[-1], out, calls)
+        return deltas
+
+    def _tool_calls(self, tool_text: str, content: str) -> tuple[list[dict] | None, str]:
+        return tool_calls.split(tool_text, content, self.request.is_chat and self.request.uses_tools)
+
+    def _reasoning(self, out: CompletionOutput) -> dict:
+        """A reasoning model's thinking, as `reasoning_content` with vLLM's newer name `reasoning` beside it."""
+        if not out.reasoning or not self.request.include_reasoning:
+            return {}
+        return {"reasoning_content": out.reasoning, "reasoning": out.reasoning}
+
+    def _chat_logprobs(self, out: CompletionOutput) -> dict | None:
+        return None if out.logprobs is None else _chat_logprobs(out, self.request.num_top_logprobs)
+
+    @staticmethod
+    def _finish(choice: dict, out: CompletionOutput, calls: list[dict] | None) -> dict:
+        choice["finish_reason"] = tool_calls.finish_reason(out.finish_reason, calls)
+        if isinstance(out.stop_reason, (str, int)) and out.finish_reason is not None:
             choice["stop_reason"] = out.stop_reason  # vLLM's extension: the stop string or token that ended it
         return choice
 

@@ -178,6 +178,9 @@ def merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
             by_index[c.index] = type(c)(c.index, "", [], logprobs=[] if c.logprobs is not None else None)
         a = by_index[c.index]
         a.text += c.text
+        a.reasoning += c.reasoning
+        a.tool_text += c.tool_text
+        a.num_reasoning_tokens += c.num_reasoning_tokens
         a.token_ids += c.token_ids
         if c.logprobs is not None:
             a.logprobs += c.logprobs

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_MEMORY_UTILIZATION, CacheInfo, EngineConfig
+from engine.channels import ChannelText, Markers
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import EngineConfigError, InvalidRequestError, PromptTooLongError
 from engine.kv_cache_manager import KVCacheManager, max_blocks_per_sequence
@@ -34,11 +35,14 @@ from mistral.model import Transformer
 
 @dataclass(frozen=True)
 class Resume:
-    """Where a request stopped on another shard: the tokens generated so far and how many characters of
-    their text the client has received (the rest, held back for stop strings, is sent again)."""
+    """Where a request stopped on another shard: the tokens generated so far and how many characters of their
+    answer text the client has received (the rest, held back for stop strings, is sent again), and of their
+    reasoning and tool-call text (see `engine/channels.py`)."""
 
     token_ids: tuple[int, ...]
     num_chars: int
+    num_reasoning_chars: int = 0
+    num_tool_chars: int = 0
 
 
 @dataclass
@@ -46,9 +50,11 @@ class _Sample:
     """Output side of one sample: its text so far and how much of it was already returned."""
 
     seq: Request
-    detok: IncrementalDetokenizer
-    text: str = ""
-    sent_chars: int = 0
+    out: ChannelText
+    sent_chars: int = 0  # of the answer (content channel)
+    sent_reasoning_chars: int = 0
+    sent_tool_chars: int = 0
+    sent_reasoning_tokens: int = 0
     sent_tokens: int = 0
     sent_finished: bool = False
 
@@ -88,6 +94,7 @@ class LLMEngine:
                             config.enable_prefix_caching, keyspace.root, self.tiers)
         self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)
+        self.markers = Markers.of(tokenizer)
         self._requests: dict[str, _UserRequest] = {}
         self._seq_owner: dict[str, _UserRequest] = {}
         self._arrival = itertools.count()
@@ -128,14 +135,19 @@ class LLMEngine:
             seq = Request(f"{request_id}#{i}", request_id, i, user.prompt_token_ids, params, state, arrival,
                           first_sibling=first)
             first = first or seq
-            sample = _Sample(seq, IncrementalDetokenizer(self.tokenizer, user.prompt_token_ids))
+            sample = _Sample(seq, ChannelText(self.markers, IncrementalDetokenizer(self.tokenizer,
+                                                                                   user.prompt_token_ids)))
             if resume is not None:
                 seq.sampling.skip(len(resume.token_ids), self.model.config.vocab_size)
                 seq.output_token_ids.extend(resume.token_ids)
-                for token in resume.token_ids if grammar is not None else ():
-                    grammar.accept(token)
-                sample.text = "".join(sample.detok.add(t) for t in resume.token_ids)
+                for token in resume.token_ids:
+                    if grammar is not None:
+                        grammar.accept(token)
+                    sample.out.add(token)
+                self._budget_thinking(sample)
                 sample.sent_tokens, sample.sent_chars = len(resume.token_ids), resume.num_chars
+                sample.sent_reasoning_chars, sample.sent_tool_chars = resume.num_reasoning_chars, resume.num_tool_chars
+                sample.sent_reasoning_tokens = sample.out.num_reasoning_tokens
             user.samples.append(sample)
             self._seq_owner[seq.request_id] = user
             self.scheduler.add(seq)
@@ -221,7 +233,7 @@ class LLMEngine:
         self._check_stop(sample, token, logprobs)
         seq = sample.seq
         if seq.is_finished and not isinstance(seq.stop_reason, str):  # a stop string already cut the text
-            sample.text += sample.detok.flush()
+            sample.out.flush()
 
     def _check_stop(self, sample: _Sample, token: int, logprobs: Logprobs | None) -> None:
         seq, params, grammar = sample.seq, sample.seq.params, sample.seq.sampling.grammar
@@ -235,39 +247,53 @@ class LLMEngine:
             return self.scheduler.finish(seq, "stop")
         if token in params.stop_token_ids and may_stop:
             return self.scheduler.finish(seq, "stop", token)
-        before = len(sample.text)
-        sample.text += sample.detok.add(token)
-        stop = _find_stop(sample.text, before, params.stop) if may_stop else None
+        out = sample.out
+        before = len(out.content)
+        added = out.add(token)
+        self._budget_thinking(sample)
+        stop = _find_stop(out.content, before, params.stop) if may_stop and added else None
         if stop is not None:
             start, string = stop
-            sample.text = sample.text[:start + (len(string) if params.include_stop_str_in_output else 0)]
+            out.content = out.content[:start + (len(string) if params.include_stop_str_in_output else 0)]
             return self.scheduler.finish(seq, "stop", string)
         if grammar is not None and grammar.is_terminated:  # the text is complete: only the end could follow
             return self.scheduler.finish(seq, "stop")
         if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             self.scheduler.finish(seq, "length")
 
+    def _budget_thinking(self, sample: _Sample) -> None:
+        """At the thinking budget, the next token is `[/THINK]` (the answer follows)."""
+        budget, out = sample.seq.params.max_thinking_tokens, sample.out
+        over = budget is not None and out.in_reasoning and out.num_reasoning_tokens > budget
+        sample.seq.sampling.forced_token_id = self.markers.end_think if over else None
+
     def _delta(self, user: _UserRequest) -> RequestOutput | None:
         holdback = max((len(s) for s in user.params.stop), default=1) - 1
         completions = []
         for i, sample in enumerate(user.samples):
-            seq = sample.seq
-            end = len(sample.text) if seq.is_finished else max(sample.sent_chars, len(sample.text) - holdback)
+            seq, out = sample.seq, sample.out
+            end = len(out.content) if seq.is_finished else max(sample.sent_chars, len(out.content) - holdback)
             new_tokens = seq.output_token_ids[sample.sent_tokens:]
-            if end == sample.sent_chars and not new_tokens and sample.sent_finished == seq.is_finished:
+            reasoning, tools = out.reasoning[sample.sent_reasoning_chars:], out.tools[sample.sent_tool_chars:]
+            if end == sample.sent_chars and not new_tokens and not reasoning and not tools \
+                    and sample.sent_finished == seq.is_finished:
                 continue
             logprobs = None
             if user.params.logprobs is not None:
                 # the newest entries: a resumed request has none for the tokens it started with
                 first = len(seq.logprobs) - len(new_tokens)
-                logprobs = [self._position_logprobs(lp, continues_text=first + k > 0 or sample.detok.continues_prompt)
+                continues = out.detok.continues_prompt
+                logprobs = [self._position_logprobs(lp, continues_text=first + k > 0 or continues)
                             for k, lp in enumerate(seq.logprobs[first:])]
             completions.append(CompletionOutput(
-                index=i, text=sample.text[sample.sent_chars:end], token_ids=new_tokens, logprobs=logprobs,
+                index=i, text=out.content[sample.sent_chars:end], token_ids=new_tokens, logprobs=logprobs,
                 cumulative_logprob=sum(lp.logprob for lp in seq.logprobs) if seq.logprobs else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, reasoning=reasoning, tool_text=tools,
+                num_reasoning_tokens=out.num_reasoning_tokens - sample.sent_reasoning_tokens))
             sample.sent_chars, sample.sent_tokens, sample.sent_finished = end, len(seq.output_token_ids), \
                 seq.is_finished
+            sample.sent_reasoning_chars, sample.sent_tool_chars = len(out.reasoning), len(out.tools)
+            sample.sent_reasoning_tokens = out.num_reasoning_tokens
         prompt_logprobs = self._prompt_logprobs(user)
         if not completions and prompt_logprobs is None:
             return None

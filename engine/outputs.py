@@ -32,6 +32,9 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
+    reasoning: str = ""  # the thinking between [THINK] and [/THINK]; `text` is the answer (engine/channels.py)
+    tool_text: str = ""  # what follows [TOOL_CALLS], its control tokens written out
+    num_reasoning_tokens: int = 0  # tokens of the reasoning, its tags included
 
     @property
     def finished(self) -> bool:

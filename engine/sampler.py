@@ -73,6 +73,7 @@ class SamplingState:
     stop_token_ids: tuple[int, ...] = ()
     bad_words_ids: tuple[tuple[int, ...], ...] = ()
     grammar: Grammar | None = None
+    forced_token_id: int | None = None  # the only token the row may take next (a thinking budget's [/THINK])
 
     @classmethod
     def from_params(cls, params: SamplingParams, prompt_token_ids: Sequence[int] = (), sample_index: int = 0,
@@ -188,6 +189,10 @@ def apply_bans(logits: torch.Tensor, requests: Sequence[SamplingState]) -> torch
     """Set to -inf in `logits` [B, V] the tokens each row may not take (step 3 of the module docstring)."""
     banned = [(i, ids) for i, state in enumerate(requests) if (ids := state.banned_token_ids())]
     grammars = [(i, state.grammar) for i, state in enumerate(requests) if state.grammar is not None]
+    forced = [(i, state.forced_token_id) for i, state in enumerate(requests) if state.forced_token_id is not None]
+    for i, token_id in forced:
+        logits[i] = torch.where(torch.arange(logits.shape[1], device=logits.device) == token_id, logits[i],
+                                float("-inf"))
     if not banned and not grammars:
         return logits
     allowed = torch.ones(logits.shape, dtype=torch.bool)  # [B, V], on the CPU where the grammars write

@@ -98,7 +98,8 @@ class SamplingParams:
     `min_tokens` holds back the end of sequence, stop tokens and stop strings until that many tokens were
     generated; `include_stop_str_in_output` keeps a matched stop string in the text; `bad_words` are never
     generated (each as a word: the token sequence of the word, with and without a leading space);
-    `structured_outputs` constrains the text (see `StructuredOutputs`).
+    `structured_outputs` constrains the text (see `StructuredOutputs`). `max_thinking_tokens` bounds a
+    reasoning model's thinking: past that many tokens after `[THINK]`, the next token is `[/THINK]`.
     `repetition_penalty` follows Hugging Face (over prompt and output tokens, 1 = off); presence and
     frequency penalties follow OpenAI (over output tokens only, 0 = off).
     """
@@ -122,6 +123,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     bad_words: tuple[str, ...] | list[str] = ()
     structured_outputs: StructuredOutputs | None = None
+    max_thinking_tokens: int | None = None
 
     def __post_init__(self):
         self._check_counts()
@@ -168,6 +170,11 @@ class SamplingParams:
         if self.max_tokens > MAX_TOKENS_LIMIT:
             raise SamplingParamsError(f"max_tokens must be at most {MAX_TOKENS_LIMIT:,}, "
                                       f"got {self.max_tokens:,}", param="max_tokens")
+        if self.max_thinking_tokens is not None:
+            _check_int("max_thinking_tokens", self.max_thinking_tokens)
+            if self.max_thinking_tokens < 0:
+                raise SamplingParamsError(f"max_thinking_tokens must be >= 0, got {self.max_thinking_tokens}",
+                                          param="max_thinking_tokens")
         _check_int("min_tokens", self.min_tokens)
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise SamplingParamsError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), "

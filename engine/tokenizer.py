@@ -17,8 +17,10 @@ byte-fallback pieces start a fresh UTF-8 sequence. Worked example with the bundl
 Tekken has no dummy prefix and its decoding needs no context, so the flag changes nothing there.
 """
 
+import hashlib
 import importlib.resources
 import re
+import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ MODEL_DIR_TOKENIZER_FILES = ("tekken.json", "tokenizer.model.v<N> (e.g. tokenize
                              "tokenizer.model")
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
+_BASE62 = string.digits + string.ascii_letters
 _SEPARATOR = "\x02"  # a control character: byte-fallback pieces of its own in every sentencepiece vocabulary
 # OpenAI roles mistral-common converts ("developer" is OpenAI's new name for "system").
 _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -141,6 +144,14 @@ class Tokenizer:
         """Whether the id is a control token (`<s>`, `[INST]`, ...): it decodes to no text."""
         return self._inner.is_special(int(token_id))
 
+    def control_token_id(self, name: str) -> int | None:
+        """The id of a control token such as "[TOOL_CALLS]" or "[THINK]"; None when this tokenizer has none."""
+        try:
+            token_id = self._inner.get_special_token(name)
+        except (ValueError, KeyError, MistralCommonException):
+            return None
+        return token_id if self.is_special(token_id) and self.control_token_name(token_id) == name else None
+
     def control_token_name(self, token_id: int) -> str:
         """A control token's name, e.g. "[INST]" or "</s>"."""
         return self._inner.id_to_piece(int(token_id))
@@ -208,20 +219,48 @@ class Tokenizer:
             return False
         return not self.decode(prompt_token_ids[-_END_OF_TURN_TOKENS:]).endswith(_END_OF_TURN)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """OpenAI-style messages (`{"role": ..., "content": ...}`) to prompt ids in the model's instruct format.
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """OpenAI-style messages (`{"role": ..., "content": ...}`) to prompt ids in the model's instruct format;
+        `tools` (OpenAI function definitions) go in as the format's available tools.
 
-        The prompt ends where the assistant's answer starts. Raises `ChatTemplateError` (param "messages")
-        for conversations the format cannot express, saying what is wrong.
+        The prompt ends where the assistant's answer starts. Tool call ids that are not Mistral's 9 alphanumeric
+        characters (OpenAI's `call_...`) are mapped to ones that are, the same way in an assistant's calls and the
+        tool results that answer them. Raises `ChatTemplateError` (param "messages") for conversations the
+        format cannot express, saying what is wrong.
         """
         _check_chat_shape(messages)
         try:
-            request = ChatCompletionRequest.from_openai(messages)
+            request = ChatCompletionRequest.from_openai(_with_mistral_call_ids(messages), tools=tools or None)
             return self._mistral.encode_chat_completion(request).tokens
         except (MistralCommonException, ValueError, KeyError) as e:
             reason = getattr(e, "message", None) or str(e) or type(e).__name__
             raise ChatTemplateError(f"invalid chat messages: {reason}; {_CHAT_FORMAT_HINT}",
                                     param="messages") from e
+
+
+def is_mistral_call_id(value: Any) -> bool:
+    """Whether a tool call id is as Mistral's format requires: 9 alphanumeric ASCII characters."""
+    return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9]{9}", value) is not None
+
+
+def _mistral_call_id(call_id: str) -> str:
+    if is_mistral_call_id(call_id):
+        return call_id
+    digest = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    return "".join(_BASE62[(digest // 62 ** i) % 62] for i in range(9))
+
+
+def _with_mistral_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    fixed = []
+    for message in messages:
+        if message.get("tool_call_id") is not None:
+            message = {**message, "tool_call_id": _mistral_call_id(str(message["tool_call_id"]))}
+        if isinstance(message.get("tool_calls"), list):
+            message = {**message, "tool_calls": [{**call, "id": _mistral_call_id(str(call["id"]))}
+                                                 if isinstance(call, dict) and call.get("id") else call
+                                                 for call in message["tool_calls"]]}
+        fixed.append(message)
+    return fixed
 
 
 def _check_chat_shape(messages: Any) -> None:
@@ -240,6 +279,9 @@ def _check_chat_shape(messages: Any) -> None:
                                     f"{', '.join(repr(r) for r in _CHAT_ROLES)}", param="messages")
         if role in ("system", "developer", "user") and message.get("content") is None:
             raise ChatTemplateError(f"messages[{i}] (role {role!r}) has no 'content'", param="messages")
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise ChatTemplateError(f"messages[{i}] (role 'tool') has no 'tool_call_id': a tool result names the "
+                                    "call it answers", param="messages")
     first = next((m["role"] for m in messages if m["role"] not in ("system", "developer")), "user")
     if first != "user":
         raise ChatTemplateError(f"the first message after the system messages has role {first!r}, but the "

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 _WEIGHTS_REVISION = 1
 # Tokenizer name -> file in mistral_common/data (bundled with the package: no network).
-TOKENIZER_FILES = MappingProxyType({"v1": "tokenizer.model.v1"})
+TOKENIZER_FILES = MappingProxyType({"v1": "tokenizer.model.v1", "v7": "mistral_instruct_tokenizer_241114.model.v7"})
 # Presets at least this large show a progress bar while materialising (a few seconds of work).
 _PROGRESS_MIN_PARAMS = 100_000_000
 
@@ -84,12 +84,13 @@ def _moe(**shape) -> ModelConfig:
 
 
 PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in (
-    Preset("tiny", _moe(vocab_size=32_000, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
+    Preset("tiny", _moe(vocab_size=32_768, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
                         head_dim=32, intermediate_size=512, num_experts=8, num_experts_per_tok=2,
                         sliding_window=128, max_position_embeddings=4096, rms_norm_eps=1e-5,
                         rope_theta=1e6),
-           "tiny Mixtral-shaped MoE with random weights (~30M params), for tests and the demo",
-           seed=0, tokenizer="v1"),
+           "tiny Mixtral-shaped MoE with random weights (~30M params), for tests and the demo; its v7 tokenizer "
+           "has tool-call tokens",
+           seed=0, tokenizer="v7"),
     Preset("bench", _moe(vocab_size=32_000, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
                          head_dim=64, intermediate_size=1792, num_experts=8, num_experts_per_tok=2,
                          sliding_window=None, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -240,4 +241,4 @@ def _copy_tokenizer(tokenizer: str, out: Path) -> None:
         raise FileNotFoundError(f"mistral-common has no bundled {file_name}; reinstall 'mistral-common"
                                 "[sentencepiece]' (>= 1.5)")
     with importlib.resources.as_file(resource) as src:
-        shutil.copyfile(src, out / file_name)
+        shutil.copyfile(src, out / f"tokenizer.model.{tokenizer}")  # the name checkpoints ship it under

@@ -39,7 +39,7 @@ def preset_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llm():
-    """The embedded tiny preset (real v1 tokenizer, vocab 32000) for tests that start from text."""
+    """The embedded tiny preset (real v7 tokenizer, vocab 32768) for tests that start from text."""
     from engine import LLM
 
     return LLM("tiny", dtype="float32", progress=False)

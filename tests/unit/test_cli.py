@@ -12,14 +12,14 @@ def test_create_then_inspect(fmt, files, tmp_path, capsys):
     out = tmp_path / f"tiny-{fmt}"
     assert main(["checkpoint", "create", "--preset", "tiny", "--out", str(out), "--format", fmt]) == 0
     assert "wrote preset tiny" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == files | {"tokenizer.model.v1"}
+    assert {p.name for p in out.iterdir()} == files | {"tokenizer.model.v7"}
 
     assert main(["checkpoint", "inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"format                    {fmt}" in text
     assert "tensors                   127" in text  # 2 + 1 + 4 layers x (6 + gate + 8 experts x 3)
-    assert "29.63M (29,632,768)" in text and "per layer               8 (top-2" in text
-    assert "tokenizer.model.v1" in text
+    assert "30.03M (30,025,984)" in text and "per layer               8 (top-2" in text
+    assert "tokenizer.model.v7" in text
 
 
 def test_create_sharded_hf(tmp_path, capsys):

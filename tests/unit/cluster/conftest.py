@@ -1,5 +1,6 @@
 """A `Frontend` over one in-process engine (the tiny preset): the servers' tests run without Ray."""
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -10,6 +11,7 @@ import uvicorn
 
 from cluster.config import Limits
 from cluster.frontend import Frontend, LocalShards
+from cluster.grpc_api import start_grpc_server
 from cluster.http_api import build_http_app
 
 
@@ -53,3 +55,35 @@ def serve_http(frontend: Frontend, **options) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="grpc-test-loop", daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
+
+
+def run_in(loop, coroutine):
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=60)
+
+
+@pytest.fixture
+def serve(loop, async_llm):  # the gRPC server
+    """`serve(frontend=None, **server_kwargs) -> "127.0.0.1:PORT"`; every server stops after the test, which
+    must leave no request behind in the engine."""
+    servers = []
+
+    def start(frontend: Frontend | None = None, **kwargs) -> str:
+        server, port = run_in(loop, start_grpc_server(frontend or make_frontend(async_llm), "127.0.0.1", 0, **kwargs))
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        run_in(loop, server.stop(None))
+    wait_for(lambda: async_llm.num_unfinished_requests == 0, timeout=10)

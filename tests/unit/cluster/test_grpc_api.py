@@ -4,10 +4,8 @@ The server runs on an event loop in a background thread (grpc.aio needs one, and
 belong to it); the tests are synchronous gRPC clients, as a user's program would be.
 """
 
-import asyncio
 import json
 import socket
-import threading
 import time
 
 import grpc
@@ -20,13 +18,13 @@ from cluster import cli
 from cluster.client import InferenceClient, InvalidRequest, ModelNotFound, Unauthenticated, Unavailable
 from cluster.config import Limits
 from cluster.frontend import Frontend, LocalShards
-from cluster.grpc_api import SERVICE_NAME, start_grpc_server
+from cluster.grpc_api import SERVICE_NAME
 from engine.errors import EngineDeadError
 from engine.llm import merge
 from engine.sampling_params import SamplingParams
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc
-from tests.unit.cluster.conftest import make_frontend
+from tests.unit.cluster.conftest import run_in as _run
 
 PROMPT = "The quick brown fox"
 GREEDY = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -58,38 +56,6 @@ class ControlledShards(LocalShards):
 
     async def healthy(self) -> bool:
         return self.is_healthy
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="grpc-test-loop", daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join()
-    loop.close()
-
-
-def _run(loop, coroutine):
-    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=60)
-
-
-@pytest.fixture
-def serve(loop, async_llm):
-    """`serve(frontend=None, **server_kwargs) -> "127.0.0.1:PORT"`; every server stops after the test, which
-    must leave no request behind in the engine."""
-    servers = []
-
-    def start(frontend: Frontend | None = None, **kwargs) -> str:
-        server, port = _run(loop, start_grpc_server(frontend or make_frontend(async_llm), "127.0.0.1", 0, **kwargs))
-        servers.append(server)
-        return f"127.0.0.1:{port}"
-
-    yield start
-    for server in servers:
-        _run(loop, server.stop(None))
-    _wait_until(lambda: async_llm.num_unfinished_requests == 0)
 
 
 def _wait_until(condition, timeout: float = 10.0) -> None:

@@ -22,6 +22,7 @@ KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 4096
 CHAT = [{"role": "user", "content": "Hi"}]
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 GREEDY = dict(model="tiny", temperature=0, extra_body={"ignore_eos": True})  # the tiny model may emit EOS early
 
 
@@ -169,9 +170,19 @@ BAD_REQUESTS = [
      400, "invalid_request_error", "guided_choice"),
     ("empty structured_outputs", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "structured_outputs": {}}), 400,
      "invalid_request_error", "structured_outputs"),
-    ("tools", "POST", CHATS, dict(json={"messages": CHAT, "tools": [{"type": "function",
-                                                                     "function": {"name": "f"}}]}), 400,
-     "invalid_request_error", "tools"),
+    ("unknown function in tool_choice", "POST", CHATS, dict(json={"messages": CHAT, "tools": TOOLS, "tool_choice": {
+        "type": "function", "function": {"name": "g"}}}), 400, "invalid_request_error", "tool_choice"),
+    ("tool_choice without tools", "POST", CHATS, dict(json={"messages": CHAT, "tool_choice": "required"}), 400,
+     "invalid_request_error", "tool_choice"),
+    ("forced call and a response_format", "POST", CHATS, dict(json={"messages": CHAT, "tools": TOOLS,
+                                                                    "tool_choice": "required", "response_format": {
+                                                                        "type": "json_object"}}), 400,
+     "invalid_request_error", "tool_choice"),
+    ("tool message without tool_call_id", "POST", CHATS, dict(json={"messages": CHAT + [
+        {"role": "assistant", "content": "ok"}, {"role": "tool", "content": "18C"}]}), 400,
+     "invalid_request_error", "messages"),
+    ("bad function name", "POST", CHATS, dict(json={"messages": CHAT, "tools": [
+        {"type": "function", "function": {"name": "has space"}}]}), 400, "invalid_request_error", "tools"),
     ("token outside vocab", "POST", COMPLETIONS, dict(json={"prompt": [1, 10**9]}), 400, "invalid_request_error",
      "prompt"),
     ("max_tokens string", "POST", COMPLETIONS, dict(json={"prompt": "Hi", "max_tokens": "ten"}), 400,

@@ -80,8 +80,8 @@ def test_a_stop_string_still_stops_a_constrained_sample(tiny_llm):
 
 
 def test_preempted_structured_requests_stay_valid(tiny_llm):
-    # 9 blocks of 16 tokens (one sequence of max_model_len) for 4 samples of ~40 tokens: some are preempted
-    small = LLM("tiny", dtype="float32", progress=False, max_model_len=128, kv_cache_memory=2048 * 16 * 9,
+    # 5 blocks of 16 tokens (one sequence of max_model_len) for 4 samples of ~30 tokens: some are preempted
+    small = LLM("tiny", dtype="float32", progress=False, max_model_len=64, kv_cache_memory=2048 * 16 * 5,
                 enable_prefix_caching=False)
     preemptions, original = [], small.engine.scheduler._preempt
     small.engine.scheduler._preempt = lambda req: (preemptions.append(req.request_id), original(req))
@@ -136,12 +136,14 @@ def test_min_tokens_holds_back_the_end(tiny_llm):
 
 
 def test_bad_words_are_never_generated(tiny_llm):
-    greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
-    text = tiny_llm.generate(PROMPT, greedy)[0].outputs[0].text
-    word = next(w for w in text.split() if w.isalpha() and len(w) > 2)
-    banned = tiny_llm.generate(PROMPT, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
-                                                      bad_words=[word]))[0].outputs[0]
-    assert word not in banned.text.split() and banned.text != text
+    tokenizer, greedy = tiny_llm.tokenizer, dict(max_tokens=30, temperature=0, ignore_eos=True)
+    free = tiny_llm.generate(PROMPT, SamplingParams(**greedy))[0].outputs[0]
+    # a word the model wrote as one token, the word's own encoding (bad words ban their encodings)
+    token = next(t for t in free.token_ids if (piece := tokenizer.decode([t], continues_text=True)).startswith(" ")
+                 and piece[1:].isalpha() and tokenizer.encode(piece[1:], add_bos=False) == [t])
+    word = tokenizer.decode([token])
+    banned = tiny_llm.generate(PROMPT, SamplingParams(**greedy, bad_words=[word]))[0].outputs[0]
+    assert token not in banned.token_ids and banned.token_ids != free.token_ids
 
 
 def test_include_stop_str_in_output_keeps_the_stop_string(tiny_llm):

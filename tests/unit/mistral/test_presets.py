@@ -31,7 +31,7 @@ def test_tiny_materialises_into_msem_cache_dir_and_is_reused(tmp_path, monkeypat
     monkeypatch.setenv("MSEM_CACHE_DIR", str(tmp_path))
     first = resolve_model("tiny")
     assert first.parent == tmp_path / "presets" and first.name.startswith("tiny-")
-    assert {p.name for p in first.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model.v1"}
+    assert {p.name for p in first.iterdir()} == {"config.json", "model.safetensors", "tokenizer.model.v7"}
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".")], "temporary dir left behind"
     mtime = (first / "model.safetensors").stat().st_mtime_ns
     assert materialize("tiny") == first
@@ -43,14 +43,15 @@ def test_tiny_loads_and_runs(tiny_dir):
     assert reader.config == preset_config("tiny")
     model = load_model(reader, torch.float32, progress=False)
     (logits,) = reference_forward(model, [[1, 415, 2936, 9060]])
-    assert logits.shape == (4, 32_000) and torch.isfinite(logits).all()
+    assert logits.shape == (4, 32_768) and torch.isfinite(logits).all()
 
 
-def test_tiny_tokenizer_is_mistral_common_v1(tiny_dir):
+def test_tiny_tokenizer_is_mistral_common_v7_with_tool_calls(tiny_dir):
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    tokenizer = MistralTokenizer.from_file(str(tiny_dir / "tokenizer.model.v1"))
-    assert tokenizer.instruct_tokenizer.tokenizer.n_words == preset_config("tiny").vocab_size
+    tokenizer = MistralTokenizer.from_file(str(tiny_dir / "tokenizer.model.v7")).instruct_tokenizer.tokenizer
+    assert tokenizer.n_words == preset_config("tiny").vocab_size
+    assert tokenizer.is_special(tokenizer.get_special_token("[TOOL_CALLS]"))  # the demo can show tool calls
 
 
 def test_materialisation_is_deterministic(tiny_dir, tmp_path):
