@@ -26,6 +26,8 @@ as in vLLM):
   as in vLLM), `logprobs` (bool) with `top_logprobs` (count), `tools` with `tool_choice` ("auto" by default with
   tools; "none", "required" or a named function) and `parallel_tool_calls` (cluster/tool_calls.py), and
   `include_reasoning` (false: the response leaves out a reasoning model's thinking).
+- msem's `self_verification` (`candidates`, `method`): the best of several candidates, scored by the model
+  (cluster/self_verification.py).
 - reasoning models: a thinking budget, OpenAI's `reasoning_effort` (`REASONING_EFFORT_TOKENS`) or msem's
   `max_thinking_tokens`: at the budget the engine writes `[/THINK]` and the answer follows.
 
@@ -110,6 +112,13 @@ class NamedToolChoice(_Model):
     function: FunctionName
 
 
+class SelfVerification(_Model):
+    """msem's extension (cluster/self_verification.py): answer with the best of several candidates."""
+
+    candidates: int = 4
+    method: Literal["mean_logprob", "verifier", "majority"] = "mean_logprob"
+
+
 class _Request(_Model):
     model: str | None = None
     stream: bool = False
@@ -140,6 +149,7 @@ class _Request(_Model):
     guided_grammar: str | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     max_thinking_tokens: int | None = None
+    self_verification: SelfVerification | None = None
 
     is_chat: ClassVar[bool] = False
     _constraint: StructuredOutputs | None = PrivateAttr(None)  # from whichever field asked, set by parse_request
@@ -165,6 +175,9 @@ class _Request(_Model):
         n = 1 if self.n is None else self.n
         if not 1 <= n <= max_n:
             raise InvalidRequestError(f"n must be between 1 and {max_n} on this server, got {n}", param="n")
+        if self.self_verification is not None and not 2 <= self.self_verification.candidates <= max_n:
+            raise InvalidRequestError(f"self_verification.candidates must be between 2 and {max_n} on this server, "
+                                      f"got {self.self_verification.candidates}", param="self_verification.candidates")
         name, max_tokens = self._max_tokens()
         fields = {field: value for field in _SAMPLING_FIELDS if (value := getattr(self, field)) is not None}
         fields["max_tokens"] = max(1, max_model_len - num_prompt_tokens) if max_tokens is None else max_tokens
@@ -335,6 +348,9 @@ def _check(request: _Request) -> None:
     if request.reasoning_effort is not None and request.max_thinking_tokens is not None:
         raise InvalidRequestError("reasoning_effort and max_thinking_tokens both set a thinking budget; send one",
                                   param="max_thinking_tokens")
+    if request.self_verification is not None and (request.stream or (request.n or 1) > 1):
+        raise InvalidRequestError("self_verification answers once, with the best of its candidates: it takes neither "
+                                  "stream nor n > 1", param="self_verification")
     if request.prompt_logprobs is not None and request.stream:
         raise InvalidRequestError("prompt_logprobs is not available with stream set to true",
                                   param="prompt_logprobs")
@@ -343,6 +359,8 @@ def _check(request: _Request) -> None:
         if not 1 <= len(prompts) <= MAX_PROMPTS:
             raise InvalidRequestError(f"prompt holds {len(prompts)} prompts; send between 1 and {MAX_PROMPTS}",
                                       param="prompt")
+        if len(prompts) > 1 and request.self_verification is not None:
+            raise InvalidRequestError("self_verification takes one prompt per request", param="self_verification")
     else:
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")

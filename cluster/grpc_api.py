@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import uuid
 from collections.abc import Sequence
 
 import grpc
@@ -34,6 +35,7 @@ from cluster import tool_calls
 from cluster.api_request import ChatRequest, CompletionRequest
 from cluster.frontend import Frontend, usage
 from cluster.grpc_messages import read_request
+from cluster.self_verification import verify
 from engine.errors import InvalidRequestError
 from engine.llm import merge
 from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, ranked
@@ -112,6 +114,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def _complete(self, request: CompletionRequest | ChatRequest, ids: list[int],
                         params: SamplingParams) -> pb.GenerateResponse:
+        if request.self_verification is not None:
+            verified = await verify(self.frontend, request, ids, params, f"cmpl-{uuid.uuid4().hex}")
+            output = verified.output
+            return pb.GenerateResponse(id=output.request_id, model=self.frontend.model_name,
+                                       choices=[_choice(c, request, params.logprobs, c.tool_text)
+                                                for c in output.outputs],
+                                       usage=pb.Usage(**verified.usage), selected=verified.report["selected"],
+                                       candidates=[pb.Candidate(**c) for c in verified.report["candidates"]])
         output = None
         async with contextlib.aclosing(self.frontend.generate(ids, params, every_step=False)) as deltas:
             async for delta in deltas:

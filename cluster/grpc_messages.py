@@ -34,6 +34,10 @@ def read_request(message: pb.GenerateRequest | pb.ChatRequest, stream: bool) -> 
     fields: dict[str, Any] = _sampling_fields(message.sampling, chat)
     if message.HasField("model"):
         fields["model"] = message.model
+    if message.HasField("self_verification"):
+        spec = message.self_verification
+        fields["self_verification"] = {name: getattr(spec, name) for name in ("candidates", "method")
+                                       if spec.HasField(name)}
     if chat:
         fields["messages"] = [_message_fields(m) for m in message.messages]
         fields.update(_tool_fields(message))
@@ -55,18 +59,20 @@ def build_message(prompt: str | Sequence[int] | Sequence[dict[str, str]], model:
     if isinstance(constraint := sampling.get("structured_outputs"), dict):
         sampling["structured_outputs"] = _constraint_message(constraint)
     chat_fields = {name: sampling.pop(name) for name in _CHAT_FIELDS if name in sampling}
+    request_fields = {name: sampling.pop(name) for name in _REQUEST_FIELDS if name in sampling}
     params = pb.SamplingParams(**sampling)
     if chat:
         message = pb.ChatRequest(model=model, messages=[_message_proto(m) for m in prompt], sampling=params,
-                                 **_tools_proto(chat_fields))
+                                 **_tools_proto(chat_fields), **request_fields)
     else:
         form = {"text": prompt} if isinstance(prompt, str) else {"token_ids": pb.TokenIds(ids=prompt)}
-        message = pb.GenerateRequest(model=model, sampling=params, **form)
+        message = pb.GenerateRequest(model=model, sampling=params, **form, **request_fields)
     read_request(message, stream=False)
     return message
 
 
 _CHAT_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "include_reasoning")
+_REQUEST_FIELDS = ("self_verification",)
 
 
 def _message_fields(message: pb.ChatMessage) -> dict[str, Any]:

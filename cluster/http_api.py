@@ -64,6 +64,7 @@ from cluster.api_request import ChatRequest, CompletionRequest, parse_detokenize
 from cluster.errors import OverloadedError, UnknownModelError, as_unavailable
 from cluster.frontend import Frontend
 from cluster.openai_api import ResponseBuilder
+from cluster.self_verification import verify
 from engine.errors import InvalidRequestError
 from engine.llm import merge
 from engine.outputs import RequestOutput
@@ -240,6 +241,11 @@ class _Api:
         frontend = self.frontend
         request_id = f"{'chatcmpl' if parsed.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
         builder = ResponseBuilder(parsed, request_id, frontend.model_name)
+        if parsed.self_verification is not None:
+            [(ids, params)] = runs
+            verified = await verify(frontend, parsed, ids, params, request_id)
+            return JSONResponse({**builder.response([verified.output]), "usage": verified.usage,
+                                 "self_verification": verified.report})
         streams = [frontend.generate(ids, params, request_id=request_id if len(runs) == 1 else f"{request_id}-{p}",
                                      every_step=parsed.stream) for p, (ids, params) in enumerate(runs)]
         deltas = _interleaved(streams)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\x11msem.inference.v1\"\xef\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x0e\n\x01n\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x11\n\x04seed\x18\t \x01(\x04H\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x01H\n\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x11\n\tbad_words\x18\x11 \x03(\t\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\x05H\x0c\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x13 \x01(\x05H\r\x88\x01\x01\x12@\n\x12structured_outputs\x18\x14 \x01(\x0b\x32$.msem.inference.v1.StructuredOutputs\x12 \n\x13max_thinking_tokens\x18\x15 \x01(\x05H\x0e\x88\x01\x01\x12\x1d\n\x10reasoning_effort\x18\x16 \x01(\tH\x0f\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x04\n\x02_nB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x12\n\x10_prompt_logprobsB\x19\n\x17_truncate_prompt_tokensB\x16\n\x14_max_thinking_tokensB\x13\n\x11_reasoning_effort\"\x94\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12,\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x1a.msem.inference.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb0\x01\n\x0fGenerateRequest\x12\x12\n\x05model\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x30\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1b.msem.inference.v1.TokenIdsH\x00\x12\x33\n\x08sampling\x18\x04 \x01(\x0b\x32!.msem.inference.v1.SamplingParamsB\x08\n\x06promptB\x08\n\x06_model\"\x86\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12/\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1b.msem.inference.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x11\n\treasoning\x18\x05 \x01(\t\"\xd4\x02\n\x0b\x43hatRequest\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x30\n\x08messages\x18\x02 \x03(\x0b\x32\x1e.msem.inference.v1.ChatMessage\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.msem.inference.v1.SamplingParams\x12&\n\x05tools\x18\x04 \x03(\x0b\x32\x17.msem.inference.v1.Tool\x12\x18\n\x0btool_choice\x18\x05 \x01(\tH\x01\x88\x01\x01\x12 \n\x13parallel_tool_calls\x18\x06 \x01(\x08H\x02\x88\x01\x01\x12\x1e\n\x11include_reasoning\x18\x07 \x01(\x08H\x03\x88\x01\x01\x42\x08\n\x06_modelB\x0e\n\x0c_tool_choiceB\x16\n\x14_parallel_tool_callsB\x14\n\x12_include_reasoning\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"N\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"r\n\x10PositionLogprobs\x12\x30\n\x07sampled\x18\x01 \x01(\x0b\x32\x1f.msem.inference.v1.TokenLogprob\x12,\n\x03top\x18\x02 \x03(\x0b\x32\x1f.msem.inference.v1.TokenLogprob\"\x89\x02\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x35\n\x08logprobs\x18\x04 \x03(\x0b\x32#.msem.inference.v1.PositionLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x12\x11\n\treasoning\x18\x08 \x01(\t\x12/\n\ntool_calls\x18\t \x03(\x0b\x32\x1b.msem.inference.v1.ToolCallB\r\n\x0bstop_reason\"\xe5\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x45\n\x15prompt_tokens_details\x18\x04 \x01(\x0b\x32&.msem.inference.v1.PromptTokensDetails\x12M\n\x19\x63ompletion_tokens_details\x18\x05 \x01(\x0b\x32*.msem.inference.v1.CompletionTokensDetails\"3\n\x17\x43ompletionTokensDetails\x12\x18\n\x10reasoning_tokens\x18\x01 \x01(\r\",\n\x13PromptTokensDetails\x12\x15\n\rcached_tokens\x18\x01 \x01(\r\"\xc0\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x19.msem.inference.v1.Choice\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.msem.inference.v1.Usage\x12<\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32#.msem.inference.v1.PositionLogprobs\"\x88\x01\n\x16GenerateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x19.msem.inference.v1.Choice\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.msem.inference.v1.Usage\"\x13\n\x11ListModelsRequest\">\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.msem.inference.v1.Model\"=\n\x0fTokenizeRequest\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04text\x18\x02 \x01(\tB\x08\n\x06_model\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06pieces\x18\x02 \x03(\t2\x9b\x04\n\tInference\x12S\n\x08Generate\x12\".msem.inference.v1.GenerateRequest\x1a#.msem.inference.v1.GenerateResponse\x12\x61\n\x0eGenerateStream\x12\".msem.inference.v1.GenerateRequest\x1a).msem.inference.v1.GenerateStreamResponse0\x01\x12K\n\x04\x43hat\x12\x1e.msem.inference.v1.ChatRequest\x1a#.msem.inference.v1.GenerateResponse\x12Y\n\nChatStream\x12\x1e.msem.inference.v1.ChatRequest\x1a).msem.inference.v1.GenerateStreamResponse0\x01\x12Y\n\nListModels\x12$.msem.inference.v1.ListModelsRequest\x1a%.msem.inference.v1.ListModelsResponse\x12S\n\x08Tokenize\x12\".msem.inference.v1.TokenizeRequest\x1a#.msem.inference.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\x11msem.inference.v1\"\xef\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x0e\n\x01n\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x11\n\x04seed\x18\t \x01(\x04H\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x01H\n\x88\x01\x01\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12\x11\n\tbad_words\x18\x11 \x03(\t\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\x05H\x0c\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x13 \x01(\x05H\r\x88\x01\x01\x12@\n\x12structured_outputs\x18\x14 \x01(\x0b\x32$.msem.inference.v1.StructuredOutputs\x12 \n\x13max_thinking_tokens\x18\x15 \x01(\x05H\x0e\x88\x01\x01\x12\x1d\n\x10reasoning_effort\x18\x16 \x01(\tH\x0f\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x04\n\x02_nB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x12\n\x10_prompt_logprobsB\x19\n\x17_truncate_prompt_tokensB\x16\n\x14_max_thinking_tokensB\x13\n\x11_reasoning_effort\"\x94\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12,\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x1a.msem.inference.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf0\x01\n\x0fGenerateRequest\x12\x12\n\x05model\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x30\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1b.msem.inference.v1.TokenIdsH\x00\x12\x33\n\x08sampling\x18\x04 \x01(\x0b\x32!.msem.inference.v1.SamplingParams\x12>\n\x11self_verification\x18\x05 \x01(\x0b\x32#.msem.inference.v1.SelfVerificationB\x08\n\x06promptB\x08\n\x06_model\"Z\n\x10SelfVerification\x12\x17\n\ncandidates\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06method\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\r\n\x0b_candidatesB\t\n\x07_method\"x\n\tCandidate\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x14\n\x0cmean_logprob\x18\x04 \x01(\x01\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\"\x86\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12/\n\ntool_calls\x18\x03 \x03(\x0b\x32\x1b.msem.inference.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x11\n\treasoning\x18\x05 \x01(\t\"\x94\x03\n\x0b\x43hatRequest\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x30\n\x08messages\x18\x02 \x03(\x0b\x32\x1e.msem.inference.v1.ChatMessage\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.msem.inference.v1.SamplingParams\x12&\n\x05tools\x18\x04 \x03(\x0b\x32\x17.msem.inference.v1.Tool\x12\x18\n\x0btool_choice\x18\x05 \x01(\tH\x01\x88\x01\x01\x12 \n\x13parallel_tool_calls\x18\x06 \x01(\x08H\x02\x88\x01\x01\x12\x1e\n\x11include_reasoning\x18\x07 \x01(\x08H\x03\x88\x01\x01\x12>\n\x11self_verification\x18\x08 \x01(\x0b\x32#.msem.inference.v1.SelfVerificationB\x08\n\x06_modelB\x0e\n\x0c_tool_choiceB\x16\n\x14_parallel_tool_callsB\x14\n\x12_include_reasoning\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"N\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\"r\n\x10PositionLogprobs\x12\x30\n\x07sampled\x18\x01 \x01(\x0b\x32\x1f.msem.inference.v1.TokenLogprob\x12,\n\x03top\x18\x02 \x03(\x0b\x32\x1f.msem.inference.v1.TokenLogprob\"\x89\x02\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x35\n\x08logprobs\x18\x04 \x03(\x0b\x32#.msem.inference.v1.PositionLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x07 \x01(\x05H\x00\x12\x11\n\treasoning\x18\x08 \x01(\t\x12/\n\ntool_calls\x18\t \x03(\x0b\x32\x1b.msem.inference.v1.ToolCallB\r\n\x0bstop_reason\"\xe5\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x45\n\x15prompt_tokens_details\x18\x04 \x01(\x0b\x32&.msem.inference.v1.PromptTokensDetails\x12M\n\x19\x63ompletion_tokens_details\x18\x05 \x01(\x0b\x32*.msem.inference.v1.CompletionTokensDetails\"3\n\x17\x43ompletionTokensDetails\x12\x18\n\x10reasoning_tokens\x18\x01 \x01(\r\",\n\x13PromptTokensDetails\x12\x15\n\rcached_tokens\x18\x01 \x01(\r\"\x84\x02\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x19.msem.inference.v1.Choice\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.msem.inference.v1.Usage\x12<\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32#.msem.inference.v1.PositionLogprobs\x12\x30\n\ncandidates\x18\x06 \x03(\x0b\x32\x1c.msem.inference.v1.Candidate\x12\x10\n\x08selected\x18\x07 \x01(\r\"\x88\x01\n\x16GenerateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x19.msem.inference.v1.Choice\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.msem.inference.v1.Usage\"\x13\n\x11ListModelsRequest\">\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.msem.inference.v1.Model\"=\n\x0fTokenizeRequest\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04text\x18\x02 \x01(\tB\x08\n\x06_model\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06pieces\x18\x02 \x03(\t2\x9b\x04\n\tInference\x12S\n\x08Generate\x12\".msem.inference.v1.GenerateRequest\x1a#.msem.inference.v1.GenerateResponse\x12\x61\n\x0eGenerateStream\x12\".msem.inference.v1.GenerateRequest\x1a).msem.inference.v1.GenerateStreamResponse0\x01\x12K\n\x04\x43hat\x12\x1e.msem.inference.v1.ChatRequest\x1a#.msem.inference.v1.GenerateResponse\x12Y\n\nChatStream\x12\x1e.msem.inference.v1.ChatRequest\x1a).msem.inference.v1.GenerateStreamResponse0\x01\x12Y\n\nListModels\x12$.msem.inference.v1.ListModelsRequest\x1a%.msem.inference.v1.ListModelsResponse\x12S\n\x08Tokenize\x12\".msem.inference.v1.TokenizeRequest\x1a#.msem.inference.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,41 +40,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=1106
   _globals['_TOKENIDS']._serialized_end=1129
   _globals['_GENERATEREQUEST']._serialized_start=1132
-  _globals['_GENERATEREQUEST']._serialized_end=1308
-  _globals['_CHATMESSAGE']._serialized_start=1311
-  _globals['_CHATMESSAGE']._serialized_end=1445
-  _globals['_CHATREQUEST']._serialized_start=1448
-  _globals['_CHATREQUEST']._serialized_end=1788
-  _globals['_TOOL']._serialized_start=1790
-  _globals['_TOOL']._serialized_end=1851
-  _globals['_TOOLCALL']._serialized_start=1853
-  _globals['_TOOLCALL']._serialized_end=1908
-  _globals['_TOKENLOGPROB']._serialized_start=1910
-  _globals['_TOKENLOGPROB']._serialized_end=1988
-  _globals['_POSITIONLOGPROBS']._serialized_start=1990
-  _globals['_POSITIONLOGPROBS']._serialized_end=2104
-  _globals['_CHOICE']._serialized_start=2107
-  _globals['_CHOICE']._serialized_end=2372
-  _globals['_USAGE']._serialized_start=2375
-  _globals['_USAGE']._serialized_end=2604
-  _globals['_COMPLETIONTOKENSDETAILS']._serialized_start=2606
-  _globals['_COMPLETIONTOKENSDETAILS']._serialized_end=2657
-  _globals['_PROMPTTOKENSDETAILS']._serialized_start=2659
-  _globals['_PROMPTTOKENSDETAILS']._serialized_end=2703
-  _globals['_GENERATERESPONSE']._serialized_start=2706
-  _globals['_GENERATERESPONSE']._serialized_end=2898
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2901
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=3037
-  _globals['_LISTMODELSREQUEST']._serialized_start=3039
-  _globals['_LISTMODELSREQUEST']._serialized_end=3058
-  _globals['_MODEL']._serialized_start=3060
-  _globals['_MODEL']._serialized_end=3122
-  _globals['_LISTMODELSRESPONSE']._serialized_start=3124
-  _globals['_LISTMODELSRESPONSE']._serialized_end=3186
-  _globals['_TOKENIZEREQUEST']._serialized_start=3188
-  _globals['_TOKENIZEREQUEST']._serialized_end=3249
-  _globals['_TOKENIZERESPONSE']._serialized_start=3251
-  _globals['_TOKENIZERESPONSE']._serialized_end=3304
-  _globals['_INFERENCE']._serialized_start=3307
-  _globals['_INFERENCE']._serialized_end=3846
+  _globals['_GENERATEREQUEST']._serialized_end=1372
+  _globals['_SELFVERIFICATION']._serialized_start=1374
+  _globals['_SELFVERIFICATION']._serialized_end=1464
+  _globals['_CANDIDATE']._serialized_start=1466
+  _globals['_CANDIDATE']._serialized_end=1586
+  _globals['_CHATMESSAGE']._serialized_start=1589
+  _globals['_CHATMESSAGE']._serialized_end=1723
+  _globals['_CHATREQUEST']._serialized_start=1726
+  _globals['_CHATREQUEST']._serialized_end=2130
+  _globals['_TOOL']._serialized_start=2132
+  _globals['_TOOL']._serialized_end=2193
+  _globals['_TOOLCALL']._serialized_start=2195
+  _globals['_TOOLCALL']._serialized_end=2250
+  _globals['_TOKENLOGPROB']._serialized_start=2252
+  _globals['_TOKENLOGPROB']._serialized_end=2330
+  _globals['_POSITIONLOGPROBS']._serialized_start=2332
+  _globals['_POSITIONLOGPROBS']._serialized_end=2446
+  _globals['_CHOICE']._serialized_start=2449
+  _globals['_CHOICE']._serialized_end=2714
+  _globals['_USAGE']._serialized_start=2717
+  _globals['_USAGE']._serialized_end=2946
+  _globals['_COMPLETIONTOKENSDETAILS']._serialized_start=2948
+  _globals['_COMPLETIONTOKENSDETAILS']._serialized_end=2999
+  _globals['_PROMPTTOKENSDETAILS']._serialized_start=3001
+  _globals['_PROMPTTOKENSDETAILS']._serialized_end=3045
+  _globals['_GENERATERESPONSE']._serialized_start=3048
+  _globals['_GENERATERESPONSE']._serialized_end=3308
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=3311
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=3447
+  _globals['_LISTMODELSREQUEST']._serialized_start=3449
+  _globals['_LISTMODELSREQUEST']._serialized_end=3468
+  _globals['_MODEL']._serialized_start=3470
+  _globals['_MODEL']._serialized_end=3532
+  _globals['_LISTMODELSRESPONSE']._serialized_start=3534
+  _globals['_LISTMODELSRESPONSE']._serialized_end=3596
+  _globals['_TOKENIZEREQUEST']._serialized_start=3598
+  _globals['_TOKENIZEREQUEST']._serialized_end=3659
+  _globals['_TOKENIZERESPONSE']._serialized_start=3661
+  _globals['_TOKENIZERESPONSE']._serialized_end=3714
+  _globals['_INFERENCE']._serialized_start=3717
+  _globals['_INFERENCE']._serialized_end=4256
 # @@protoc_insertion_point(module_scope)
