@@ -9,8 +9,12 @@ between streamed chunks) p50/p99. Layouts, all in one run:
 
 - `engine`: `AsyncLLM` in this process, the same C concurrent streams (no HTTP, no Serve): the baseline. It
   runs with `--threads` torch threads (1), as many as Ray gives the shard (OMP_NUM_THREADS = its num_cpus).
-- `serve`: the Serve application (Ingress -> AttentionShard, experts inside the shard) over HTTP SSE.
-- `serve+ep2`: the same with two expert group deployments over gRPC (adds the per-layer hop).
+- `serve`: the Serve application (Ingress -> AttentionShard, experts inside the shard) over HTTP SSE, its deltas
+  coalesced over the default `stream_interval_s`.
+- `serve-each-step`: the same with `stream_interval_s` 0 (each engine step's delta crosses as its own message).
+- `serve+ep2`: `serve` with two expert group deployments over gRPC (adds the per-layer hop).
+
+`--layouts` picks which of the three run (all by default); the engine baseline always runs.
 
 Ratios are layout / engine: requests/s below 1 and latencies above 1 are the serving overhead.
 """
@@ -111,7 +115,7 @@ def run_engine(args, prompt_ids) -> dict:
         llm.shutdown()
 
 
-def run_serve(args, prompt_ids, expert_groups: int | None) -> dict:
+def run_serve(args, prompt_ids, expert_groups: int | None, stream_interval_s: float | None = None) -> dict:
     from ray import serve
 
     from cluster.app import deploy
@@ -122,7 +126,8 @@ def run_serve(args, prompt_ids, expert_groups: int | None) -> dict:
         "model": args.model, "served_model_name": "bench", "max_model_len": args.max_model_len,
         "http_port": port, "grpc_port": None, "dtype": "float32",
         "expert_groups": {"num_groups": expert_groups, "num_cpus": 0} if expert_groups else None,
-        "attention": {"num_cpus": 0}})
+        "attention": {"num_cpus": 0},
+        **({} if stream_interval_s is None else {"stream_interval_s": stream_interval_s})})
     deploy(config)
     base = f"http://127.0.0.1:{port}"
     wait_until_healthy(base, timeout=600)
@@ -139,6 +144,9 @@ def run_serve(args, prompt_ids, expert_groups: int | None) -> dict:
         serve.shutdown()
 
 
+LAYOUTS = {"serve": (None,), "serve-each-step": (None, 0.0), "serve+ep2": (2,)}  # expert groups, stream interval
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
@@ -149,6 +157,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the engine baseline: what a shard with num_cpus <= 1 gets from Ray")
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     import ray
@@ -157,16 +166,16 @@ def main() -> None:
     results = {"engine": run_engine(args, prompt_ids)}
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="msem")
     try:
-        results["serve"] = run_serve(args, prompt_ids, None)
-        results["serve+ep2"] = run_serve(args, prompt_ids, 2)
+        for layout in args.layouts:
+            results[layout] = run_serve(args, prompt_ids, *LAYOUTS[layout])
     finally:
         ray.shutdown()
-    print(f"{'layout':<11}{'C':>4}{'req/s':>9}{'ratio':>7}{'TTFT p50':>10}{'p99':>8}{'ratio':>7}"
+    print(f"{'layout':<16}{'C':>4}{'req/s':>9}{'ratio':>7}{'TTFT p50':>10}{'p99':>8}{'ratio':>7}"
           f"{'ITL p50':>9}{'p99':>8}{'ratio':>7}   (ms; ratio = layout / engine)")
     for layout, by_c in results.items():
         for c, r in by_c.items():
             base = results["engine"][c]
-            print(f"{layout:<11}{c:>4}{r['requests_per_s']:>9.2f}{r['requests_per_s'] / base['requests_per_s']:>7.2f}"
+            print(f"{layout:<16}{c:>4}{r['requests_per_s']:>9.2f}{r['requests_per_s'] / base['requests_per_s']:>7.2f}"
                   f"{r['ttft_p50_ms']:>10.1f}{r['ttft_p99_ms']:>8.1f}{r['ttft_p50_ms'] / base['ttft_p50_ms']:>7.2f}"
                   f"{r['itl_p50_ms']:>9.1f}{r['itl_p99_ms']:>8.1f}{r['itl_p50_ms'] / base['itl_p50_ms']:>7.2f}")
     if args.json:

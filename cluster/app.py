@@ -327,7 +327,7 @@ class ServeShards:
 
     async def stream(self, request: ShardRequest) -> AsyncIterator[RequestOutput]:
         response = self.handle.stream.remote(request.prompt_token_ids, request.params, request.request_id,
-                                              request.resume, request.every_step)
+                                              request.resume, request.every_step, request.stream_interval_s)
         try:
             async for delta in response:
                 yield delta
@@ -361,7 +361,8 @@ class Ingress:
                                  ServeShards(shard), config.limits, self._experts if router is not None else None,
                                  self._rebalance if router is not None else None,
                                  expert_health=self._missing_groups if router is not None else None,
-                                 memory_info=memory_store.describe.remote if memory_store is not None else None)
+                                 memory_info=memory_store.describe.remote if memory_store is not None else None,
+                                 stream_interval_s=config.stream_interval_s)
         self.grpc_server = None
         if config.grpc_port is not None:
             from cluster.grpc_api import start_grpc_server

@@ -211,6 +211,9 @@ class ServeConfig(_Strict):
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int | None = Field(50051, ge=1, le=65535)  # None: no gRPC server
     api_keys: tuple[str, ...] = ()  # when set, every API call needs `Authorization: Bearer <key>`
+    # A shard sends a stream's deltas of this long as one message (the first token at once, the last at the end),
+    # so each token does not cross shard, ingress and proxy as its own event; 0: one message per engine step.
+    stream_interval_s: float = Field(0.02, ge=0, le=1)
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the HTTP API ("*": any); none: CORS off
 
     @property

@@ -65,6 +65,7 @@ class ShardRequest:
     params: SamplingParams
     resume: Resume | None = None
     every_step: bool = True  # False: the client reads the request whole, so the shard sends less (see `Shards`)
+    stream_interval_s: float = 0.0  # a remote shard merges the deltas of this long into one message (TTFT aside)
 
 
 class Shards(Protocol):
@@ -114,12 +115,14 @@ class Frontend:
     def __init__(self, model_name: str, tokenizer: Tokenizer, max_model_len: int, vocab_size: int,
                  shards: Shards, limits: Limits = Limits(), expert_info: ExpertInfo | None = None,
                  rebalance_experts: ExpertInfo | None = None, record_metrics: bool = True,
-                 expert_health: ExpertHealth | None = None, memory_info: ExpertInfo | None = None):
+                 expert_health: ExpertHealth | None = None, memory_info: ExpertInfo | None = None,
+                 stream_interval_s: float = 0.0):
         self.model_name, self.tokenizer, self.shards, self.limits = model_name, tokenizer, shards, limits
         self.metrics = ServingMetrics(model_name) if record_metrics else None  # see actors/metrics.py
         self._expert_info, self._rebalance = expert_info, rebalance_experts
         self._expert_health = expert_health
         self._memory_info = memory_info
+        self.stream_interval_s = stream_interval_s
         self.max_model_len, self.vocab_size = max_model_len, vocab_size
         self.grammars = GrammarCompiler(tokenizer, vocab_size)  # checks structured outputs at the edge
         self.num_requests = 0
@@ -235,7 +238,8 @@ class Frontend:
         with self._admit(cost):
             timer = self.metrics.start(len(prompt_token_ids)) if self.metrics else None
             request_id = request_id or f"cmpl-{uuid.uuid4().hex}"
-            first = _Leg(ShardRequest(request_id, prompt_token_ids, params, every_step=every_step),
+            first = _Leg(ShardRequest(request_id, prompt_token_ids, params, every_step=every_step,
+                                      stream_interval_s=self.stream_interval_s),
                          list(range(params.n)))
             try:
                 async with contextlib.aclosing(self._run(first, params.n)) as deltas:  # closing us stops the legs
@@ -367,7 +371,8 @@ class Frontend:
             resume = Resume(tuple(p.token_ids), p.num_chars, p.num_reasoning_chars, p.num_tool_chars) \
                 if p.token_ids else None
             legs.append(_Leg(ShardRequest(f"{request.request_id}.{user_index}r{self.num_resubmits}",
-                                          request.prompt_token_ids, one, resume, request.every_step), [user_index]))
+                                          request.prompt_token_ids, one, resume, request.every_step,
+                                          request.stream_interval_s), [user_index]))
         return legs
 
 

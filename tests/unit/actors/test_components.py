@@ -63,6 +63,9 @@ def test_the_shard_builds_the_engine_it_is_given_with_the_compute_it_is_told():
         assert [d.outputs[0].text for d in whole] == ["5", "678"] and whole[-1].finished
         assert [len(d.outputs[0].token_ids) for d in [d async for d in shard.stream([9], SamplingParams(), "r3",
                                                                                        every_step=False)]] == [1]
+        # coalesced: the first token at once, then what arrived within the interval, merged, and the end
+        coalesced = [d async for d in shard.stream([5, 6, 7, 8], SamplingParams(), "r4", interval_s=60.0)]
+        assert [d.outputs[0].token_ids for d in coalesced] == [[5], [6, 7, 8]] and coalesced[-1].finished
         assert shard.healthy()
         engine.dead = RuntimeError("boom")
         assert not shard.healthy()
