@@ -215,3 +215,18 @@ def test_tools_in_the_v11_wire_format(v13_client):
     choice = out.choices[0]
     assert choice.finish_reason == "tool_calls"
     _check_calls(choice.message.tool_calls)
+
+
+def test_reasoning_over_grpc(v13, serve):
+    from cluster.client import InferenceClient
+
+    grammar = _thinking_grammar(v13.tokenizer)["structured_outputs"]["grammar"].replace("{10,400}", "*")
+    with InferenceClient(serve(make_frontend(v13))) as client:
+        out = client.chat(ASK, max_tokens=200, temperature=1.0, seed=8, max_thinking_tokens=6,
+                          structured_outputs={"grammar": grammar})
+        (choice,) = out.choices
+        assert choice.reasoning and choice.reasoning.islower() and choice.text[0].isupper()
+        assert out.usage.completion_tokens_details.reasoning_tokens == 8  # 6 and the two tags
+        hidden = client.chat(ASK, max_tokens=200, temperature=1.0, seed=8, max_thinking_tokens=6,
+                             structured_outputs={"grammar": grammar}, include_reasoning=False)
+        assert hidden.choices[0].reasoning == "" and hidden.choices[0].text == choice.text
