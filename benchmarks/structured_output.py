@@ -12,8 +12,8 @@ turn (the order rotates from round to round, so drifting machine load touches th
   constrained twin reaches (a warm-up run measures them; seeded, every round reaches the same), so both kinds
   generate the same number of tokens.
 
-Reported per C: generated tokens per second of each kind (median over rounds) and their ratio, plus the time the
-sampler spent building token masks (`allowed_tokens`) per step.
+Reported per C: generated tokens per second of each kind (median over rounds) and their ratio, plus the time spent
+building token masks (`allowed_tokens`) per step, on the mask thread while the model computes the step.
 """
 
 import argparse
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import engine.sampler as sampler  # noqa: E402
+import engine.structured_output as structured_output  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.sampling_params import StructuredOutputs  # noqa: E402
 
@@ -49,11 +49,11 @@ def log(msg: str) -> None:
 
 
 class MaskTimer:
-    """Wraps the sampler's `allowed_tokens` to add up the time spent building masks."""
+    """Wraps `allowed_tokens` to add up the time spent building masks (on the mask thread, beside the forward)."""
 
     def __init__(self):
-        self.seconds, self.calls, self._inner = 0.0, 0, sampler.allowed_tokens
-        sampler.allowed_tokens = self
+        self.seconds, self.calls, self._inner = 0.0, 0, structured_output.allowed_tokens
+        structured_output.allowed_tokens = self
 
     def __call__(self, grammars, vocab_size):
         began = time.perf_counter()

@@ -6,6 +6,7 @@ for requests that asked for prompt logprobs, the chunk's prompt rows.
 Legend: T tokens this step, V vocab.
 """
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from engine.paged_attention import PagedAttention, build_metadata
 from engine.request import Request
 from engine.sampler import Logprobs, compute_logprobs, sample
 from engine.scheduler import SchedulerOutput
+from engine.structured_output import prefetch_allowed
 from mistral.model import Transformer
 
 
@@ -45,6 +47,8 @@ class ModelRunner:
             positions.append(torch.arange(chunk.start, end))
             spans.append((chunk.request.block_ids, chunk.start, chunk.num_tokens, chunk.request.host_blocks))
         meta = build_metadata(spans, self.block_size, self.sliding_window, self.device)
+        grammars = [c.request.sampling.grammar for c in batch.chunks if c.samples and c.request.sampling.grammar]
+        masks = prefetch_allowed(grammars, self.model.config.vocab_size) if grammars else None
         experts = self.model.experts  # None for a dense model
         if experts is not None:
             experts.begin_step()
@@ -55,11 +59,11 @@ class ModelRunner:
             if experts is not None:
                 experts.end_step()
         out = RunnerOutput()
-        self._sample(batch, hidden, out)
+        self._sample(batch, hidden, out, masks)
         self._prompt_logprobs(batch, hidden, out)
         return out
 
-    def _sample(self, batch: SchedulerOutput, hidden: torch.Tensor, out: RunnerOutput) -> None:
+    def _sample(self, batch: SchedulerOutput, hidden: torch.Tensor, out: RunnerOutput, masks: Future | None) -> None:
         rows, reqs, row = [], [], 0
         for chunk in batch.chunks:
             row += chunk.num_tokens
@@ -69,7 +73,7 @@ class ModelRunner:
         if not rows:
             return
         logits = self.model.compute_logits(hidden[rows])  # [R, V] fp32
-        result = sample(logits, [r.sampling for r in reqs])
+        result = sample(logits, [r.sampling for r in reqs], masks)
         for req, token, lp in zip(reqs, result.token_ids, result.logprobs):
             out.sampled[req.request_id] = token
             if lp is not None:

@@ -32,6 +32,7 @@ K top logprobs, N tokens of all rows' lists together.
 """
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from itertools import chain
 from dataclasses import dataclass, replace
 
@@ -119,13 +120,14 @@ class SamplerOutput:
     logprobs: list[Logprobs | None]
 
 
-def sample(logits: torch.Tensor, requests: Sequence[SamplingState]) -> SamplerOutput:
-    """Choose one token per row of `logits` [B, V] (fp32) following each row's params; see module doc."""
+def sample(logits: torch.Tensor, requests: Sequence[SamplingState], masks: Future | None = None) -> SamplerOutput:
+    """Choose one token per row of `logits` [B, V] (fp32) following each row's params; see module doc. `masks`:
+    the grammar rows' allowed tokens, being built on the mask thread (`prefetch_allowed`), in row order."""
     if logits.dim() != 2 or logits.shape[0] != len(requests):
         raise ValueError(f"logits must be [B, V] with B = {len(requests)} rows, got {tuple(logits.shape)}")
     if logits.dtype != torch.float32:
         raise ValueError(f"logits must be float32 (cast before sampling), got {logits.dtype}")
-    work = apply_bans(apply_penalties(logits.clone(), requests), requests)  # [B, V]
+    work = apply_bans(apply_penalties(logits.clone(), requests), requests, masks)  # [B, V]
     token_ids = work.argmax(dim=-1)  # [B]
     rows = [i for i, state in enumerate(requests) if not state.params.is_greedy]
     if rows:
@@ -185,8 +187,9 @@ def apply_penalties(logits: torch.Tensor, requests: Sequence[SamplingState]) -> 
     return logits
 
 
-def apply_bans(logits: torch.Tensor, requests: Sequence[SamplingState]) -> torch.Tensor:
-    """Set to -inf in `logits` [B, V] the tokens each row may not take (step 3 of the module docstring)."""
+def apply_bans(logits: torch.Tensor, requests: Sequence[SamplingState], masks: Future | None = None) -> torch.Tensor:
+    """Set to -inf in `logits` [B, V] the tokens each row may not take (step 3 of the module docstring); the
+    grammar rows' masks come from `masks` when they were prefetched."""
     banned = [(i, ids) for i, state in enumerate(requests) if (ids := state.banned_token_ids())]
     grammars = [(i, state.grammar) for i, state in enumerate(requests) if state.grammar is not None]
     forced = [(i, state.forced_token_id) for i, state in enumerate(requests) if state.forced_token_id is not None]
@@ -197,7 +200,8 @@ def apply_bans(logits: torch.Tensor, requests: Sequence[SamplingState]) -> torch
         return logits
     allowed = torch.ones(logits.shape, dtype=torch.bool)  # [B, V], on the CPU where the grammars write
     if grammars:
-        allowed[[i for i, _ in grammars]] = allowed_tokens([g for _, g in grammars], logits.shape[1])
+        rows = masks.result() if masks is not None else allowed_tokens([g for _, g in grammars], logits.shape[1])
+        allowed[[i for i, _ in grammars]] = rows
     by_grammar = allowed.clone() if grammars and banned else allowed
     for i, ids in banned:
         allowed[i, ids] = False

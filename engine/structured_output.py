@@ -4,6 +4,7 @@
     compiler.check(constraint)              # InvalidRequestError naming the request's field, at the edge
     grammar = compiler.grammar(constraint)  # one per sample, in the engine
     allowed = allowed_tokens([grammar, ...], vocab_size)   # [R, V] bool, what the sampler keeps
+    pending = prefetch_allowed([grammar, ...], vocab_size) # the same, on a thread, beside the forward pass
     grammar.accept(token_id)                # after each sampled token
 
 Why llguidance: its mask is computed lazily from the grammar's lexer and parser state, so a request starts with
@@ -32,9 +33,11 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import llguidance.numpy  # not llguidance.torch: importing that compiles kernels for seconds
+import numpy as np
 import torch
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
@@ -49,6 +52,8 @@ _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_sepa
 # Many rows' masks are filled by llguidance's thread pool where there are cores to spare; on a small machine its
 # overhead costs more than it saves (benchmarks/grammar_engines.py), and the rows are filled one by one.
 _PARALLEL_ROWS = 8
+# One thread builds each step's masks beside the forward pass (one, so a grammar is never filled twice at once).
+_masker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msem-grammar-masks")
 _executor = llguidance.LLExecutor(num_threads=min(8, cpu_count // 2)) if (cpu_count := os.cpu_count() or 1) >= 8 \
     else None
 
@@ -131,6 +136,12 @@ class GrammarCompiler:
             return self._lltokenizer
 
 
+def prefetch_allowed(grammars: Sequence[Grammar], vocab_size: int) -> Future:
+    """`allowed_tokens` on the mask thread, so that it runs while the model computes the step's logits (the
+    grammars' states are settled once the step is scheduled); the sampler takes the result."""
+    return _masker.submit(allowed_tokens, list(grammars), vocab_size)
+
+
 def allowed_tokens(grammars: Sequence[Grammar], vocab_size: int) -> torch.Tensor:
     """[R, V] bool: the tokens each grammar allows next (the end of sequence alone for one in error)."""
     bitmask = llguidance.numpy.allocate_token_bitmask(len(grammars), vocab_size)  # [R, ceil(V / 32)] int32
@@ -140,11 +151,11 @@ def allowed_tokens(grammars: Sequence[Grammar], vocab_size: int) -> torch.Tensor
     else:
         for i, grammar in enumerate(grammars):
             llguidance.numpy.fill_next_token_bitmask(grammar._matcher, bitmask, i)
-    bits = torch.arange(32, dtype=torch.int32)
-    allowed = ((torch.from_numpy(bitmask)[:, :, None] >> bits) & 1).bool().reshape(len(grammars), -1)
-    allowed = allowed[:, :vocab_size]  # [R, V]
+    allowed = torch.from_numpy(np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size])
+    allowed = allowed.bool()  # [R, V]; bit j of word w is token 32 w + j
+    stuck = ~allowed.any(dim=1)  # [R]
     for i, grammar in enumerate(grammars):
-        if grammar._matcher.is_error() or not allowed[i].any():
+        if stuck[i] or grammar._matcher.is_error():
             allowed[i] = False
             allowed[i, grammar._eos_id] = True
     return allowed
