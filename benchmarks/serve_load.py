@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the engine baseline: what a shard with num_cpus <= 1 gets from Ray")
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--stream-interval", type=float, help="the serve layouts' stream_interval_s (default: the "
+                        "config's); serve-each-step keeps 0")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     import ray
@@ -167,7 +169,8 @@ def main() -> None:
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="msem")
     try:
         for layout in args.layouts:
-            results[layout] = run_serve(args, prompt_ids, *LAYOUTS[layout])
+            groups, interval = (*LAYOUTS[layout], args.stream_interval)[:2]
+            results[layout] = run_serve(args, prompt_ids, groups, interval)
     finally:
         ray.shutdown()
     print(f"{'layout':<16}{'C':>4}{'req/s':>9}{'ratio':>7}{'TTFT p50':>10}{'p99':>8}{'ratio':>7}"

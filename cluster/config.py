@@ -213,7 +213,7 @@ class ServeConfig(_Strict):
     api_keys: tuple[str, ...] = ()  # when set, every API call needs `Authorization: Bearer <key>`
     # A shard sends a stream's deltas of this long as one message (the first token at once, the last at the end),
     # so each token does not cross shard, ingress and proxy as its own event; 0: one message per engine step.
-    stream_interval_s: float = Field(0.02, ge=0, le=1)
+    stream_interval_s: float = Field(0.1, ge=0, le=1)
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the HTTP API ("*": any); none: CORS off
 
     @property
