@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import openai
 import pytest
 import uvicorn
 
@@ -32,6 +33,19 @@ def async_llm():
 @pytest.fixture
 def frontend(async_llm) -> Frontend:
     return make_frontend(async_llm)
+
+
+@pytest.fixture(scope="module")
+def base(async_llm) -> Iterator[str]:
+    """The HTTP API over the tiny engine, without API keys, for one test module; a module may define its own."""
+    with serve_http(make_frontend(async_llm)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base) -> openai.OpenAI:
+    """The official openai client of `base`."""
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:

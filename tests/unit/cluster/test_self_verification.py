@@ -1,27 +1,13 @@
 """Self-verification (msem's extension): the best of several candidates, scored by the model, over both APIs."""
 
 from collections import Counter
-from collections.abc import Iterator
 
 import httpx2
-import openai
 import pytest
 
 from cluster.client import InferenceClient
-from tests.unit.cluster.conftest import make_frontend, serve_http
 
 ASK = [{"role": "user", "content": "Name a colour."}]
-
-
-@pytest.fixture(scope="module")
-def base(async_llm) -> Iterator[str]:
-    with serve_http(make_frontend(async_llm)) as url:
-        yield url
-
-
-@pytest.fixture
-def client(base) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
 
 
 def _report(out) -> dict:

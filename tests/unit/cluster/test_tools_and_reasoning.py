@@ -38,17 +38,6 @@ def _check_calls(calls, names=("get_weather", "get_time")) -> None:
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-@pytest.fixture(scope="module")
-def base(async_llm) -> Iterator[str]:
-    with serve_http(make_frontend(async_llm)) as url:
-        yield url
-
-
-@pytest.fixture
-def client(base) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-
-
 # ---- tools, v7 (the tiny preset) ----
 
 def test_required_and_named_tool_choice_make_valid_calls(client):
@@ -114,7 +103,7 @@ def test_parse_reads_every_wire_format():
     assert calls is None and content == "Sure. f{oops"  # what is not a call stays text
 
 
-def test_a_tokenizer_without_tool_tokens_refuses_tools(mixtral_dir):
+def test_a_tokenizer_without_tool_tokens_refuses_tools():
     tokenizer = Tokenizer.from_bundled("v1")
     frontend = Frontend("v1-model", tokenizer, 256, 32000, LocalShards(None), Limits())
     request = parse_request({"messages": ASK, "tools": TOOLS}, chat=True)
