@@ -23,13 +23,17 @@ are the control plane; the per-layer hop goes straight to the replicas (a Serve 
 """
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import ray
 from ray import serve
+from ray.serve import context as serve_context
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
@@ -318,6 +322,21 @@ AttentionShardDeployment = serve.deployment(AttentionShard, name="AttentionShard
 MemoryStoreDeployment = serve.deployment(MemoryStore, name="MemoryStore", num_replicas=1)
 
 
+@contextlib.contextmanager
+def _own_serve_request_id():
+    """A handle call made here gets an internal request id of its own. Serve gives a handle call made while
+    serving a request that request's internal id, and its router keeps pending calls by that id: sibling calls
+    in flight at once (a batch's prompts, self-verification's candidates, a request's resumed samples) would
+    collide there, and all but one wait on its backoff instead of being routed."""
+    context = serve_context._get_serve_request_context()
+    token = serve_context._serve_request_context.set(
+        dataclasses.replace(context, _internal_request_id=uuid.uuid4().hex))
+    try:
+        yield
+    finally:
+        serve_context._serve_request_context.reset(token)
+
+
 class ServeShards:
     """`Shards` over the AttentionShard deployment: Serve picks a replica per request."""
 
@@ -326,8 +345,9 @@ class ServeShards:
         self.health_handle = handle
 
     async def stream(self, request: ShardRequest) -> AsyncIterator[RequestOutput]:
-        response = self.handle.stream.remote(request.prompt_token_ids, request.params, request.request_id,
-                                              request.resume, request.every_step, request.stream_interval_s)
+        with _own_serve_request_id():
+            response = self.handle.stream.remote(request.prompt_token_ids, request.params, request.request_id,
+                                                  request.resume, request.every_step, request.stream_interval_s)
         try:
             async for delta in response:
                 yield delta

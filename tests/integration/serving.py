@@ -34,10 +34,12 @@ def deploy_and_wait(config: ServeConfig, timeout: float = 300) -> None:
     wait_until_healthy(f"http://127.0.0.1:{config.http_port}", timeout=timeout)
 
 
-def openai_client(config: ServeConfig):
+def openai_client(config: ServeConfig, timeout: float | None = None):
+    """The official client of the app; `timeout` (seconds) bounds each call (default: the client's own)."""
     from openai import OpenAI
 
-    return OpenAI(base_url=f"http://127.0.0.1:{config.http_port}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"http://127.0.0.1:{config.http_port}/v1", api_key="unused", max_retries=0,
+                  **({} if timeout is None else {"timeout": timeout}))
 
 
 def replica_pids(deployment: str) -> dict[str, int]:

@@ -52,6 +52,21 @@ def test_openai_api_matches_the_single_process_engine(app, reference):
     assert len(chat.choices) == 2 and all(c.message.role == "assistant" for c in chat.choices)
 
 
+@EDGE
+def test_one_request_that_fans_out_to_several_shard_calls(app, reference):
+    # a batch of prompts, and self-verification's candidates and verdicts, are sibling Serve handle calls made
+    # while serving one request; Serve's router must route every one of them at once (cluster.app's
+    # `_own_serve_request_id`), not one by one after seconds of backoff
+    client = openai_client(app, timeout=20)
+    batch = client.completions.create(model="tiny", prompt=["Hello there", "Hello there", "Hi"], max_tokens=6,
+                                      temperature=0, extra_body={"ignore_eos": True})
+    assert [c.text for c in batch.choices][:2] == [reference("Hello there", 6)] * 2 and len(batch.choices) == 3
+    verified = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "2+2?"}], max_tokens=6, temperature=1.0,
+        extra_body={"self_verification": {"candidates": 4, "method": "verifier"}})
+    assert len(verified.model_extra["self_verification"]["candidates"]) == 4
+
+
 @BOTH
 def test_64_concurrent_requests(app):
     async def main():
