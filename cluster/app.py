@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -70,6 +71,23 @@ APP_NAME = "msem"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 RETRY_AFTER_S = 1
 BLOCK_SIZE = EngineConfig.block_size  # the shards' KV block size (the engine's default)
+# Ray Serve's throughput-optimized mode, as Ray documents it: a replica runs its user code on its own event loop
+# (no hand-off to a thread of its own), handles and the proxy call replicas over gRPC, and the garbage collector is
+# frozen after start-up. The request path (proxy -> Ingress -> AttentionShard, one streaming item per coalesced
+# delta) gets it through each deployment's runtime_env; Serve's proxy and controller read it when they start, so
+# Ray must be started with it (`init_local_ray`, the `ray start` commands of cluster*.yaml). Two of the mode's
+# settings stay off: direct ingress (it serves from each replica's own port and needs HAProxy or a load balancer),
+# and the handles' router on the caller's loop (handles are then usable only from that loop, and shards call the
+# Router and the MemoryStore from their engine's threads).
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+             "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+
+
+def init_local_ray(**options) -> "ray.RayContext":
+    """Start a Ray of this process's own (never one that `ray start` left on this machine), every process of
+    which has `SERVE_ENV`."""
+    os.environ.update(SERVE_ENV)
+    return ray.init(address="local", namespace="msem", **options)
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -181,12 +199,13 @@ def build_app(config: ServeConfig) -> serve.Application:
         **_shard_scaling(config), **_health_options(attention.health_check),
         **_routing_options(attention.routing, model_dir, compute_for(config.dtype, shard_gpus)),
         ray_actor_options={"num_cpus": attention.num_cpus, "num_gpus": shard_gpus, "resources": attention.resources,
-                           **({"runtime_env": {"env_vars": LAYER_PATH_ENV}} if placement is not None else {})},
+                           "runtime_env": {"env_vars": SERVE_ENV | (LAYER_PATH_ENV if placement is not None else {})}},
     ).bind(AsyncLLM, engine_kwargs, compute_for(config.dtype, shard_gpus), router, link,
            model_name=config.model_name, memory_store=store,
            memory_timeout_s=memory.store.timeout_s if store is not None else 2.0)
     return Ingress.options(num_replicas=config.ingress_replicas, max_ongoing_requests=config.limits.max_requests + 64,
-                           ray_actor_options=_control(config)).bind(config, shard, router, groups, store)
+                           ray_actor_options=_control(config) | {"runtime_env": {"env_vars": SERVE_ENV}},
+                           ).bind(config, shard, router, groups, store)
 
 
 def deploy(config: ServeConfig, serve_file: dict | None = None) -> None:

@@ -75,14 +75,15 @@ def config_from_args(args) -> ServeConfig:
 def run_serve(args) -> int:
     import ray
 
+    from cluster.app import init_local_ray
+
     config = config_from_args(args)
     address = os.environ.get("RAY_ADDRESS")
     print(f"starting Ray {'at ' + address if address else 'locally'} ...", flush=True)
     keep_running = False
     try:
-        # "local": a Ray of its own, never one that `ray start` left on this machine (ray.init would join it)
-        context = ray.init(address=address or "local", namespace="msem", log_to_driver=False,
-                           **({} if address else {"num_cpus": max(4, os.cpu_count() or 1)}))
+        context = ray.init(address=address, namespace="msem", log_to_driver=False) if address else \
+            init_local_ray(log_to_driver=False, num_cpus=max(4, os.cpu_count() or 1))
         signal.signal(signal.SIGTERM, _interrupt)  # replaces Ray's crash handler at once (module docstring)
         _deploy_and_announce(config, args, context.dashboard_url)
         if args.detach:

@@ -7,8 +7,9 @@ import pytest
 def ray_cluster():
     import ray
 
-    ray.init(address="local", num_cpus=4, namespace="msem", include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    from cluster.app import init_local_ray
+
+    init_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

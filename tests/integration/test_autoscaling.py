@@ -36,9 +36,11 @@ def dashboard():
     """A local Ray with its dashboard (Serve's CLI talks to it) on free loopback ports: the dashboard URL."""
     import ray
 
+    from cluster.app import init_local_ray
+
     port = free_port()
-    ray.init(address="local", num_cpus=4, namespace="msem", include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, log_to_driver=False, configure_logging=False)
+    init_local_ray(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                   log_to_driver=False, configure_logging=False)
     yield f"http://127.0.0.1:{port}"
     ray.shutdown()
 

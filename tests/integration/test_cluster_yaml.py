@@ -16,6 +16,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
+from cluster.app import SERVE_ENV
 from cluster.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +47,16 @@ def deployed_configs(config: dict) -> list[Path]:
 def test_ray_accepts_the_cluster_config(name):
     config = validate_like_ray_up(read(name))
     assert config["head_node_type"] in config["available_node_types"]
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_every_node_starts_ray_with_msem_serve_settings(name):
+    """Serve's proxy and controller read SERVE_ENV when they start, from the environment `ray start` gave Ray."""
+    config = read(name)
+    starts = [" ".join(cmd.split()) for key in ("head_start_ray_commands", "worker_start_ray_commands")
+              for cmd in config[key] if "ray start" in cmd]
+    settings = " ".join(f"{name}={value}" for name, value in SERVE_ENV.items())
+    assert len(starts) == 2 and all(f"{settings} ray start" in cmd for cmd in starts), starts
 
 
 @pytest.mark.parametrize("name", CLUSTER_FILES)

@@ -33,9 +33,11 @@ def metrics_port():
     """Local Ray with its metrics export on a free port, reported every second (the default is 10 s)."""
     import ray
 
+    from cluster.app import init_local_ray
+
     port = free_port()
-    ray.init(address="local", num_cpus=4, namespace="msem", include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
+    init_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                   _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
     yield port
     ray.shutdown()
 

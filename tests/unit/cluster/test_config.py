@@ -89,6 +89,23 @@ def test_replica_bounds_become_deployment_options():
     assert shards["target_ongoing_requests"] == 16.0 and "policy" not in shards
 
 
+def test_the_request_path_runs_with_serve_s_fast_settings_and_the_rest_with_ray_s_defaults():
+    """Ingress and AttentionShard get SERVE_ENV (user code on the replica's loop); the Router, the expert groups
+    and the memory store, whose methods may block, keep Ray's defaults."""
+    from cluster.app import SERVE_ENV, build_app
+
+    ingress = build_app(parse_config({"expert_groups": {"num_groups": 2}}))._bound_deployment
+    _, shard, router, groups, store = ingress.init_args
+    env = {d.name: d.ray_actor_options.get("runtime_env", {}).get("env_vars", {})
+           for d in [ingress, shard._bound_deployment, router._bound_deployment, store._bound_deployment,
+                     *(group._bound_deployment for group in groups)]}
+    assert env["Ingress"] == SERVE_ENV and env["AttentionShard"] == SERVE_ENV | {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert not any(name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD")
+                   for deployment in ("Router", "MemoryStore", "ExpertGroup0", "ExpertGroup1")
+                   for name in env[deployment])
+    assert SERVE_ENV["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "1"  # handles are called from engine threads
+
+
 def test_dense_model_with_expert_groups_is_refused(tmp_path):
     from cluster.app import build_app
     from tests.conftest import write_hf_checkpoint
