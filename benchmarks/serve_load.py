@@ -1,27 +1,33 @@
 """Serving overhead: the Serve application over HTTP against the in-process engine, for the same work.
 
-    .venv/bin/python benchmarks/serve_load.py [--model tiny] [--concurrency 1 8 32] [--json out.json]
+    .venv/bin/python benchmarks/serve_load.py [--model tiny] [--concurrency 1 8 32] [--rounds 3] [--json out.json]
 
 For each concurrency C, C clients each send `--requests` streaming completions one after another (prompt of
 `--prompt-tokens` tokens, `--max-tokens` new tokens, greedy, EOS ignored so every request does the same work).
 Measured per layout: requests/s, time to first token (TTFT) p50/p99 and inter-token latency (ITL, the gaps
 between streamed chunks) p50/p99. Layouts, all in one run:
 
-- `engine`: `AsyncLLM` in this process, the same C concurrent streams (no HTTP, no Serve): the baseline. It
-  runs with `--threads` torch threads (1), as many as Ray gives the shard (OMP_NUM_THREADS = its num_cpus).
+- `engine`: `AsyncLLM` with the same C concurrent streams in one process (no HTTP, no Serve, no Ray): the
+  baseline. It runs with `--threads` torch threads (1), as many as Ray gives the shard (OMP_NUM_THREADS = its
+  num_cpus).
 - `serve`: the Serve application (Ingress -> AttentionShard, experts inside the shard) over HTTP SSE, its deltas
   coalesced over the default `stream_interval_s`.
 - `serve-each-step`: the same with `stream_interval_s` 0 (each engine step's delta crosses as its own message).
 - `serve+ep2`: `serve` with two expert group deployments over gRPC (adds the per-layer hop).
 
-`--layouts` picks which of the three run (all by default); the engine baseline always runs.
+`--layouts` picks which of the three run (all by default); the engine baseline always runs. The machine's speed
+drifts over minutes, so the engine and a layout alternate in `--rounds` rounds (engine first in even rounds,
+the layout first in odd ones), and each figure is the median over rounds; a ratio is the median of the rounds'
+ratios, each between an engine round and the layout round next to it.
 
 Ratios are layout / engine: requests/s below 1 and latencies above 1 are the serving overhead.
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
+import multiprocessing
 import socket
 import statistics
 import sys
@@ -34,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx2 as httpx  # noqa: E402
 import torch  # noqa: E402  (the openai client's HTTP library)
 
+from cluster.app import deploy, init_local_ray  # noqa: E402
 from cluster.config import ServeConfig  # noqa: E402
 from engine import AsyncLLM, SamplingParams  # noqa: E402
 
@@ -104,21 +111,42 @@ async def _http_request(http: httpx.AsyncClient, prompt_ids: list[int], max_toke
     return await _timed(events())
 
 
-def run_engine(args, prompt_ids) -> dict:
+def _engine_process(conn, args, prompt_ids: list[int]) -> None:
     torch.set_num_threads(args.threads)
     llm = AsyncLLM(model=args.model, dtype="float32", max_model_len=args.max_model_len, progress=False)
     try:
-        asyncio.run(_clients(1, 1, lambda: _engine_request(llm, prompt_ids, 4)))  # warm-up
-        return {c: asyncio.run(_clients(c, args.requests, lambda: _engine_request(llm, prompt_ids, args.max_tokens)))
-                for c in args.concurrency}
+        while (job := conn.recv()) is not None:
+            concurrency, max_tokens, requests = job
+            conn.send(asyncio.run(_clients(concurrency, requests,
+                                           lambda: _engine_request(llm, prompt_ids, max_tokens))))
     finally:
         llm.shutdown()
 
 
-def run_serve(args, prompt_ids, expert_groups: int | None, stream_interval_s: float | None = None) -> dict:
+@contextlib.contextmanager
+def engine_load(args, prompt_ids: list[int]):
+    """Yields `load(concurrency, max_tokens, requests) -> summary` of the engine with its clients in one process,
+    a process without Ray (Ray's threads in this one would take the interpreter lock from the engine's)."""
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    process = context.Process(target=_engine_process, args=(theirs, args, prompt_ids), daemon=True)
+    process.start()
+
+    def load(concurrency: int, max_tokens: int, requests: int) -> dict:
+        ours.send((concurrency, max_tokens, requests))
+        return ours.recv()
+    try:
+        yield load
+    finally:
+        ours.send(None)
+        process.join(60)
+
+
+@contextlib.contextmanager
+def serve_load(args, prompt_ids, expert_groups: int | None, stream_interval_s: float | None = None):
+    """Deploys the layout; yields its `load(concurrency, max_tokens, requests) -> summary` over HTTP."""
     from ray import serve
 
-    from cluster.app import deploy
     from cluster.serve_command import wait_until_healthy
 
     port = _free_port()
@@ -138,13 +166,48 @@ def run_serve(args, prompt_ids, expert_groups: int | None, stream_interval_s: fl
             return await _clients(concurrency, requests, lambda: _http_request(http, prompt_ids, max_tokens))
 
     try:
-        asyncio.run(load(1, 4, 1))  # warm-up
-        return {c: asyncio.run(load(c, args.max_tokens, args.requests)) for c in args.concurrency}
+        yield lambda c, max_tokens, requests: asyncio.run(load(c, max_tokens, requests))
     finally:
         serve.shutdown()
 
 
+def alternate(args, engine, layout) -> tuple[dict, dict]:
+    """Per concurrency, `args.rounds` rounds of the engine and the layout, alternating which goes first:
+    ({C: engine figures}, {C: layout figures with the median ratios to the engine})."""
+    engine(1, 4, 1), layout(1, 4, 1)  # warm-up
+    by_engine, by_layout = {}, {}
+    for c in args.concurrency:
+        rounds = []
+        for r in range(args.rounds):
+            first, second = (engine, layout) if r % 2 == 0 else (layout, engine)
+            a, b = first(c, args.max_tokens, args.requests), second(c, args.max_tokens, args.requests)
+            rounds.append((a, b) if r % 2 == 0 else (b, a))
+        by_engine[c] = _median(e for e, _ in rounds)
+        by_layout[c] = _median(s for _, s in rounds) | {
+            f"{key}_ratio": statistics.median(s[key] / e[key] for e, s in rounds) for key in RATIOS}
+    return by_engine, by_layout
+
+
+RATIOS = ("requests_per_s", "ttft_p50_ms", "itl_p50_ms")
+
+
+def _median(summaries) -> dict:
+    summaries = list(summaries)
+    return {key: statistics.median(s[key] for s in summaries) for key in summaries[0]}
+
+
 LAYOUTS = {"serve": (None,), "serve-each-step": (None, 0.0), "serve+ep2": (2,)}  # expert groups, stream interval
+
+
+def _print(results: dict) -> None:
+    print(f"{'layout':<24}{'C':>4}{'req/s':>9}{'ratio':>7}{'TTFT p50':>10}{'p99':>8}{'ratio':>7}"
+          f"{'ITL p50':>9}{'p99':>8}{'ratio':>7}   (ms; medians over rounds; ratio = layout / engine)")
+    for layout, by_c in results.items():
+        for c, r in by_c.items():
+            ratios = [r.get(f"{key}_ratio", 1.0) for key in RATIOS]
+            print(f"{layout:<24}{c:>4}{r['requests_per_s']:>9.2f}{ratios[0]:>7.2f}{r['ttft_p50_ms']:>10.1f}"
+                  f"{r['ttft_p99_ms']:>8.1f}{ratios[1]:>7.2f}{r['itl_p50_ms']:>9.1f}{r['itl_p99_ms']:>8.1f}"
+                  f"{ratios[2]:>7.2f}")
 
 
 def main() -> None:
@@ -160,27 +223,23 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
     parser.add_argument("--stream-interval", type=float, help="the serve layouts' stream_interval_s (default: the "
                         "config's); serve-each-step keeps 0")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the engine and each layout")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     import ray
 
     prompt_ids = [1] + [100 + i % 1000 for i in range(args.prompt_tokens - 1)]
-    results = {"engine": run_engine(args, prompt_ids)}
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, namespace="msem")
-    try:
-        for layout in args.layouts:
-            groups, interval = (*LAYOUTS[layout], args.stream_interval)[:2]
-            results[layout] = run_serve(args, prompt_ids, groups, interval)
-    finally:
-        ray.shutdown()
-    print(f"{'layout':<16}{'C':>4}{'req/s':>9}{'ratio':>7}{'TTFT p50':>10}{'p99':>8}{'ratio':>7}"
-          f"{'ITL p50':>9}{'p99':>8}{'ratio':>7}   (ms; ratio = layout / engine)")
-    for layout, by_c in results.items():
-        for c, r in by_c.items():
-            base = results["engine"][c]
-            print(f"{layout:<16}{c:>4}{r['requests_per_s']:>9.2f}{r['requests_per_s'] / base['requests_per_s']:>7.2f}"
-                  f"{r['ttft_p50_ms']:>10.1f}{r['ttft_p99_ms']:>8.1f}{r['ttft_p50_ms'] / base['ttft_p50_ms']:>7.2f}"
-                  f"{r['itl_p50_ms']:>9.1f}{r['itl_p99_ms']:>8.1f}{r['itl_p50_ms'] / base['itl_p50_ms']:>7.2f}")
+    results = {}
+    with engine_load(args, prompt_ids) as engine:
+        init_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False)  # with msem's Serve settings
+        try:
+            for layout in args.layouts:
+                groups, interval = (*LAYOUTS[layout], args.stream_interval)[:2]
+                with serve_load(args, prompt_ids, groups, interval) as load:
+                    results[f"engine ({layout})"], results[layout] = alternate(args, engine, load)
+        finally:
+            ray.shutdown()
+            _print(results)  # what ran, also when a layout failed
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                         indent=2))
