@@ -125,6 +125,9 @@ class InferenceClient:
     def tokenize(self, text: str, *, model: str | None = None) -> pb.TokenizeResponse:
         return self._call(self._stub.Tokenize, pb.TokenizeRequest(text=text, model=model))
 
+    def detokenize(self, token_ids: Sequence[int], *, model: str | None = None) -> str:
+        return self._call(self._stub.Detokenize, pb.DetokenizeRequest(token_ids=token_ids, model=model)).text
+
     def health(self, service: str = "") -> str:
         """grpc.health.v1 status of the server ("") or of one service: "SERVING", "NOT_SERVING", ..."""
         response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
@@ -198,6 +201,9 @@ def add_client_command(commands) -> None:
     tokenize = actions.add_parser("tokenize", parents=[common], help="print the token ids and pieces of a text")
     tokenize.add_argument("text", metavar="TEXT")
     tokenize.set_defaults(run=_client_command(_run_tokenize))
+    detokenize = actions.add_parser("detokenize", parents=[common], help="print the text of token ids")
+    detokenize.add_argument("token_ids", metavar="ID", type=int, nargs="+")
+    detokenize.set_defaults(run=_client_command(_run_detokenize))
     actions.add_parser("health", parents=[common], help="print the server's health; exit 1 unless SERVING"
                        ).set_defaults(run=_client_command(_run_health))
 
@@ -249,6 +255,11 @@ def _run_tokenize(client: InferenceClient, args: argparse.Namespace) -> int:
     response = client.tokenize(args.text)
     for token_id, piece in zip(response.token_ids, response.pieces, strict=True):
         print(f"{token_id}\t{piece!r}")
+    return 0
+
+
+def _run_detokenize(client: InferenceClient, args: argparse.Namespace) -> int:
+    print(client.detokenize(args.token_ids))
     return 0
 
 

@@ -142,6 +142,12 @@ class Frontend:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.encode_chat(messages)
 
+    def decode(self, token_ids: Sequence[int], param: str) -> str:
+        """The text of token ids (vLLM's `/detokenize`); refuses an id outside the vocabulary, naming `param`."""
+        if (bad := next((t for t in token_ids if not 0 <= t < self.vocab_size), None)) is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param=param)
+        return self.tokenizer.decode(list(token_ids))
+
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if params.n > self.limits.max_n:
             raise InvalidRequestError(f"n must be between 1 and {self.limits.max_n} on this server, got {params.n}",

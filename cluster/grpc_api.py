@@ -96,6 +96,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             return pb.TokenizeResponse(token_ids=ids,
                                        pieces=[tokenizer.decode([i], continues_text=True) for i in ids])
 
+    async def Detokenize(self, request: pb.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
+        async with self._rpc(context):
+            self.frontend.check_model(_model(request))
+            return pb.DetokenizeResponse(text=self.frontend.decode(request.token_ids, param="token_ids"))
+
     # ---- request in, deltas out ----
 
     async def _prepare(self, request: pb.GenerateRequest | pb.ChatRequest, stream: bool
@@ -193,7 +199,7 @@ def _status(error: Exception) -> tuple[grpc.StatusCode | None, str]:
     return next((code for kind, code in _STATUS if isinstance(error, kind)), None), str(error)
 
 
-def _model(request: pb.TokenizeRequest) -> str | None:
+def _model(request: pb.TokenizeRequest | pb.DetokenizeRequest) -> str | None:
     return request.model if request.HasField("model") else None
 
 

@@ -159,10 +159,7 @@ class _Api:
     async def detokenize(self, request: Request) -> Response:
         parsed = parse_detokenize(_decode(await self._read_body(request)))
         self.frontend.check_model(parsed.model)
-        vocab_size = self.frontend.vocab_size
-        if (bad := next((t for t in parsed.tokens if not 0 <= t < vocab_size), None)) is not None:
-            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {vocab_size})", param="tokens")
-        return JSONResponse({"prompt": self.frontend.tokenizer.decode(parsed.tokens)})
+        return JSONResponse({"prompt": self.frontend.decode(parsed.tokens, param="tokens")})
 
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": VERSION})

@@ -156,13 +156,17 @@ def test_logprobs_and_stop_reasons(serve, loop, async_llm):
     assert (cut.text, cut.finish_reason, cut.stop_string) == (reference.text[:reference.text.index(stop)], "stop", stop)
 
 
-def test_list_models_and_tokenize(serve, async_llm):
+def test_list_models_tokenize_and_detokenize(serve, async_llm):
     with InferenceClient(serve()) as client:
         (model,) = client.list_models()
         tokens = client.tokenize("Hello world")
+        text = client.detokenize(tokens.token_ids)
+        with pytest.raises(InvalidRequest, match=rf"token id {model.vocab_size} is outside the vocabulary \[0, "):
+            client.detokenize([1, model.vocab_size])
     assert (model.id, model.max_model_len, model.vocab_size) == ("tiny", 256, async_llm.tokenizer.vocab_size)
     assert list(tokens.token_ids) == async_llm.tokenizer.encode("Hello world")
     assert len(tokens.pieces) == len(tokens.token_ids) and "".join(tokens.pieces).lstrip() == "Hello world"
+    assert text == "Hello world"
 
 
 def test_health_follows_the_frontend_and_reflection_lists_the_services(serve, async_llm):
@@ -260,7 +264,8 @@ def test_unknown_model_is_not_found(serve):
         for call, request in ((stub.Generate, pb.GenerateRequest(model="gpt-4", text="Hi")),
                               (stub.ChatStream, pb.ChatRequest(model="gpt-4", messages=[pb.ChatMessage(
                                   role="user", content="Hi")])),
-                              (stub.Tokenize, pb.TokenizeRequest(model="gpt-4", text="Hi"))):
+                              (stub.Tokenize, pb.TokenizeRequest(model="gpt-4", text="Hi")),
+                              (stub.Detokenize, pb.DetokenizeRequest(model="gpt-4", token_ids=[1]))):
             code, details = _code(call, request)
             assert code == grpc.StatusCode.NOT_FOUND and "'gpt-4' does not exist" in details and "tiny" in details
 
@@ -374,6 +379,8 @@ def test_msem_client_commands(serve, loop, async_llm, capsys):
     assert capsys.readouterr().out.startswith("tiny\tmax_model_len=256")
     assert cli.main(["client", "tokenize", "Hello", "--target", target]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"{async_llm.tokenizer.bos_id}\t''"
+    assert cli.main(["client", "detokenize", *map(str, async_llm.tokenizer.encode("Hello")), "--target", target]) == 0
+    assert capsys.readouterr().out == "Hello\n"
     assert cli.main(["client", "health", "--target", target]) == 0
     assert capsys.readouterr().out == "SERVING\n"
 
