@@ -88,6 +88,18 @@ def test_auto_puts_the_tools_in_the_prompt_and_a_conversation_with_results_conti
     assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_auto_reads_the_call_a_model_writes(client):
+    """Under "auto" the model decides whether to call; the random tiny model is made to write a call by a grammar
+    of the request's own (the one "required" would apply), and the call comes back parsed."""
+    lark = tool_calls.grammar(Tokenizer.from_bundled("v7"), [TOOLS[0]["function"]], parallel=False).spec
+    out = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="auto", temperature=1.0,
+                                         seed=4, max_completion_tokens=80,
+                                         extra_body={"structured_outputs": {"grammar": lark}})
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    _check_calls(choice.message.tool_calls, names=("get_weather",))
+
+
 def test_parse_reads_every_wire_format():
     v7 = '[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}, "id": "abcDEF123"}, {"name": "g", "arguments": {}}]'
     first, second = tool_calls.parse(v7)
