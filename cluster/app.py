@@ -43,6 +43,7 @@ from actors.compute import Compute, compute_for
 from actors.expert_group_server import ExpertGroupServer
 from actors.memory_store import MemoryStore
 from actors.router import Router
+from cluster import capacity
 from cluster.autoscaling import RoutedTokensPolicy
 from cluster.config import (Autoscaling, ExpertGroupsConfig, HealthCheck, Replicas, RoutingConfig, ServeConfig,
                             parse_config)
@@ -101,6 +102,7 @@ def plan(config: ServeConfig) -> tuple[Path, Placement | None]:
     model_dir = resolve_model(config.model)  # materialises a preset once, before any replica starts
     model = CheckpointReader(model_dir).config
     _check_memory(config, model)
+    _check_capacity(config, capacity.AUTOSCALER_CONFIG.expanduser())
     if config.expert_groups is None:
         return model_dir, None
     if not model.is_moe:
@@ -131,6 +133,14 @@ def _check_memory(config: ServeConfig, model: ModelConfig) -> None:
         raise ConfigError(f"memory.host_bytes is {memory.host_bytes}; staging one sequence of max_model_len "
                           f"{max_len} from the memory store takes {needed} bytes of host RAM per shard at least: "
                           "raise memory.host_bytes, lower max_model_len, or set memory.store to null")
+
+
+def _check_capacity(config: ServeConfig, launcher_config: Path) -> None:
+    """On a cluster `ray up` started (its launcher config is on the head), refuse replica bounds that its node
+    types cannot hold: Serve would wait for them forever."""
+    if launcher_config.is_file() and (found := capacity.check_file(config, launcher_config)):
+        raise ConfigError(f"the replica bounds do not fit the cluster's node types ({launcher_config}): "
+                          + "; ".join(found) + ". Lower the bounds, or raise the node types' max_workers")
 
 
 def initial_placement(path: Path, base: Placement) -> Placement:

@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from cluster.capacity import add_capacity_command
 from cluster.client import add_client_command
 from cluster.dashboard_command import add_dashboard_command
 from cluster.experts_command import add_experts_command
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(commands)
     add_dashboard_command(commands)
     add_experts_command(commands)
+    add_capacity_command(commands)
     _add_checkpoint_commands(commands)
     return parser
 

@@ -16,6 +16,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
+from cluster import capacity
 from cluster.app import SERVE_ENV
 from cluster.config import load_config
 
@@ -47,6 +48,19 @@ def deployed_configs(config: dict) -> list[Path]:
 def test_ray_accepts_the_cluster_config(name):
     config = validate_like_ray_up(read(name))
     assert config["head_node_type"] in config["available_node_types"]
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_every_deployed_config_fits_the_node_types_at_its_upper_bounds(name):
+    """Every resource a deployment asks for exists on a node type that can hold it, and the replica bounds fit
+    the node types' max_workers (cluster/capacity.py, as `ray up`'s head checks it when deploying)."""
+    config = read(name)
+    types = capacity.node_types(validate_like_ray_up(config))
+    for path in deployed_configs(config):
+        serve = load_config(path)
+        assert capacity.problems(serve, types) == [], path
+        if not all(t.resources for t in types):  # the local provider: Ray measures each machine when it starts
+            assert {key for role in capacity.roles(serve, has_gpus=False) for key in role.demand} <= {"CPU", "GPU"}
 
 
 @pytest.mark.parametrize("name", CLUSTER_FILES)
