@@ -49,6 +49,11 @@ def node_types(launcher_config: dict) -> list[NodeType]:
             for name, spec in launcher_config.get("available_node_types", {}).items()]
 
 
+def declared(types: list[NodeType]) -> bool:
+    """Whether the node types say what they hold (the local provider's list none, or none with resources)."""
+    return bool(types) and all(t.resources for t in types)
+
+
 def roles(config: ServeConfig, has_gpus: bool) -> list[Role]:
     """What each role asks for at its upper bound; a role's GPUs default as `cluster.app` decides them."""
     def demand(cpus: float, gpus: float | None, resources: dict[str, float]) -> dict[str, float]:
@@ -69,7 +74,7 @@ def roles(config: ServeConfig, has_gpus: bool) -> list[Role]:
 def problems(config: ServeConfig, types: list[NodeType]) -> list[str]:
     """What of `config` at its upper replica bounds the node types cannot hold (empty when it fits, and when a
     node type declares no resources: the local provider's, whose machines Ray measures when it starts them)."""
-    if not all(t.resources for t in types):
+    if not declared(types):
         return []
     has_gpus = any(t.resources.get("GPU", 0) > 0 for t in types)
     found = []
@@ -125,7 +130,10 @@ def _run_capacity(args: argparse.Namespace) -> int:
     found = problems(config, types)
     for problem in found:
         print(f"does not fit: {problem}")
-    if not found:
+    if not declared(types):
+        print(f"{args.cluster} does not declare its node types' resources (Ray measures those machines when it "
+              "starts them): not checked")
+    elif not found:
         print(f"{args.config} fits {args.cluster} at its upper replica bounds")
     return 1 if found else 0
 

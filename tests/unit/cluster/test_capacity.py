@@ -76,5 +76,8 @@ def test_the_capacity_command_prints_each_role_and_exits_1_when_the_bounds_do_no
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
     assert cli.main(["capacity", "--config", str(MIXTRAL), "--cluster", str(tmp_path / "small.yaml")]) == 1
     assert "does not fit: ExpertGroup0..7 may run 18 replicas" in capsys.readouterr().out
+    assert cli.main(["capacity", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                     "--cluster", str(ROOT / "cluster.local.yaml")]) == 0
+    assert capsys.readouterr().out.endswith("(Ray measures those machines when it starts them): not checked\n")
     assert cli.main(["capacity", "--config", str(MIXTRAL), "--cluster", str(tmp_path / "none.yaml")]) == 2
     assert "is not a readable cluster launcher config" in capsys.readouterr().err
