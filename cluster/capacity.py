@@ -5,7 +5,8 @@ Each role the config deploys (attention shards, each expert group, the memory st
 GPUs and its `resources`; a node type can hold a replica when it has every one of them. At their upper replica
 bounds the roles must fit, each alone in the node types that can hold it, and all together in every resource,
 counting each node type at its `max_workers` (the head once). Ingress and Router run on the head without
-reserved CPUs, so they ask for nothing here. `problems` names what does not fit, with the numbers.
+reserved CPUs, so they ask for nothing here; the memory store is counted on the head, where it is pinned.
+`problems` names what does not fit, with the numbers.
 
     msem capacity --config configs/mixtral-8x7b.yaml --cluster cluster.yaml   # exit 1 when it does not fit
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.config import ServeConfig, load_config
+from cluster.config import HEAD, ServeConfig, load_config
 from mistral.errors import ConfigError
 
 AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")
@@ -43,10 +44,16 @@ class NodeType:
 
 
 def node_types(launcher_config: dict) -> list[NodeType]:
-    """The node types of a cluster launcher config, with their declared resources."""
-    head = launcher_config.get("head_node_type")
-    return [NodeType(name, 1 if name == head else int(spec.get("max_workers", 0)), dict(spec.get("resources") or {}))
-            for name, spec in launcher_config.get("available_node_types", {}).items()]
+    """The node types of a cluster launcher config, with their declared resources (the head's with Ray's own
+    head marker, which pins Ingress, Router and the memory store there)."""
+    types = []
+    for name, spec in launcher_config.get("available_node_types", {}).items():
+        resources = dict(spec.get("resources") or {})
+        if name == launcher_config.get("head_node_type"):
+            types.append(NodeType(name, 1, {**resources, HEAD: 1} if resources else {}))
+        else:
+            types.append(NodeType(name, int(spec.get("max_workers", 0)), resources))
+    return types
 
 
 def declared(types: list[NodeType]) -> bool:
@@ -123,10 +130,10 @@ def add_capacity_command(commands) -> None:
 def _run_capacity(args: argparse.Namespace) -> int:
     config, types = load_config(args.config), read_node_types(args.cluster)
     has_gpus = any(t.resources.get("GPU", 0) > 0 for t in types)
-    print(f"{'role':<16}{'max replicas':>13}  per replica{'':<28}nodes that hold them (type: nodes x per node)")
+    print(f"{'role':<16}{'max replicas':>13}  per replica{'':<34}nodes that hold them (type: nodes x per node)")
     for role in roles(config, has_gpus):
         hosts = ", ".join(f"{t.name}: {t.count} x {n}" for t in types if (n := t.holds(role.demand))) or "none"
-        print(f"{role.name:<16}{role.max_replicas:>13}  {_format(role.demand):<39}{hosts}")
+        print(f"{role.name:<16}{role.max_replicas:>13}  {_format(role.demand):<45}{hosts}")
     found = problems(config, types)
     for problem in found:
         print(f"does not fit: {problem}")

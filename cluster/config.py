@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mistral.errors import ConfigError
 
+HEAD = "node:__internal_head__"  # a resource only the head node has (Ray's)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -167,7 +169,9 @@ class MemoryStoreConfig(_Strict):
     disk_bytes: int = Field(64 << 30, ge=0)  # hard limit on the directory's block files
     timeout_s: float = Field(2.0, gt=0)  # a shard's read that takes longer is a miss (it recomputes)
     num_cpus: float = Field(0.5, ge=0)
-    resources: dict[str, float] = {}
+    # On the head by default (as Ingress and Router): the autoscaler never removes it, and a store on a worker
+    # would lose its blocks with that node.
+    resources: dict[str, float] = {HEAD: 0.001}
 
 
 class MemoryConfig(_Strict):
@@ -205,7 +209,7 @@ class ServeConfig(_Strict):
     # Ray resources of the Ingress and Router replicas. The default is a resource only the head node has: they
     # ask for no CPU, so Serve would spread them onto any node, where the loss of a GPU node (or its autoscaled
     # removal) would take the edge's streams or the routing table with it.
-    control_resources: dict[str, float] = {"node:__internal_head__": 0.001}
+    control_resources: dict[str, float] = {HEAD: 0.001}
     limits: Limits = Limits()
     host: str = "127.0.0.1"  # HTTP and gRPC bind here; loopback unless told otherwise
     http_port: int = Field(8000, ge=1, le=65535)

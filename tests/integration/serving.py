@@ -3,6 +3,9 @@
 import os
 import signal
 import socket
+import subprocess
+
+import pytest
 
 from cluster.config import ServeConfig
 
@@ -13,6 +16,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports (all bound at once while they are picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def pid_namespace() -> list[str]:
+    """The command prefix that runs a command as PID 1 of a PID namespace of its own, every process of which dies
+    with it (and `ray stop` inside which sees no Ray outside it); skips the test where none can be made."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the cluster runs in its own PID namespace (unshare --pid)")
+    prefix = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("unshare is not installed")
+    if probe.returncode:
+        pytest.skip(f"cannot create a PID namespace: {probe.stderr.strip()}")
+    return prefix
 
 
 def tiny_config(**overrides) -> ServeConfig:

@@ -30,6 +30,8 @@ import pytest
 import ray
 import yaml
 
+from tests.integration.serving import free_ports, pid_namespace
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,8 +81,6 @@ def find_tool(name: str) -> str | None:
 
 def ensure_tools() -> str:
     """The sshd binary, installing openssh-server (and rsync) with apt-get when missing."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the SSH node runs in its own PID namespace (unshare --pid)")
     missing = [package for tool, package in PACKAGES.items() if not find_tool(tool)]
     if missing:
         if not shutil.which("apt-get"):
@@ -93,20 +93,7 @@ def ensure_tools() -> str:
                 pytest.skip(f"apt-get {args[0]} timed out installing {missing}")
             if done.returncode:
                 pytest.skip(f"apt-get {args[0]} could not install {missing}: {done.stderr.strip()[-300:]}")
-    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True)
-    if probe.returncode:
-        pytest.skip(f"cannot create a PID namespace: {probe.stderr.strip()}")
     return find_tool("sshd")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:
@@ -128,6 +115,7 @@ def accepts(port: int) -> bool:
 
 @pytest.fixture
 def ssh_node():
+    namespace = pid_namespace()
     sshd = ensure_tools()
     root = Path(tempfile.mkdtemp(prefix="msem-rayup-"))  # short: Ray's socket paths live below it
     home, tmp = root / "home", root / "tmp"
@@ -153,8 +141,7 @@ SetEnv HOME={home} TMPDIR={tmp} RAY_USAGE_STATS_ENABLED=0
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
     log = root / "sshd.log"
     with open(log, "w") as out:
-        # --kill-child: when unshare dies, sshd (PID 1 of the namespace) dies, and with it every process in it.
-        namespace = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+        # sshd is PID 1 of its namespace: when unshare dies, sshd dies, and with it every process in it.
         sshd_process = subprocess.Popen([*namespace, sshd, "-D", "-e", "-f", root / "sshd_config"],
                                         stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -69,7 +69,8 @@ def test_the_capacity_command_prints_each_role_and_exits_1_when_the_bounds_do_no
 
     assert cli.main(["capacity", "--config", str(MIXTRAL), "--cluster", str(ROOT / "cluster.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "ExpertGroup0                4  {CPU: 0.5, GPU: 1, msem_experts: 1}    experts: 3 x 8" in out
+    assert "ExpertGroup0                4  {CPU: 0.5, GPU: 1, msem_experts: 1}          experts: 3 x 8" in out
+    assert "head: 1 x 16" in out.split("MemoryStore")[1].splitlines()[0]  # pinned to the head
     assert out.endswith("fits " + str(ROOT / "cluster.yaml") + " at its upper replica bounds\n")
     small = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     small["available_node_types"]["experts"]["max_workers"] = 1
