@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from actors.checkpoints import local_checkpoint
 from actors.compute import Compute
 from actors.handles import call, send
 from actors.metrics import EngineMetrics, ExpertMetrics, publish_every
@@ -34,7 +35,6 @@ from engine.llm_engine import Resume
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from mistral.checkpoint import CheckpointReader
-from mistral.presets import resolve_model
 from router_service.remote_experts import RemoteExperts, RouterClient
 
 logger = logging.getLogger(__name__)
@@ -129,8 +129,8 @@ class AttentionShard:
 
             shard_id = f"shard-{serve.get_replica_context().replica_id.unique_id}"
         self.shard_id, self.experts, self._session = shard_id, None, None
+        model_dir = str(local_checkpoint(engine_kwargs["model"]).path)  # fails at once on a node without it
         if router is not None:
-            model_dir = str(resolve_model(engine_kwargs["model"]))
             self.experts, self._session = await asyncio.to_thread(
                 connect_experts, router, link, shard_id, model_dir, compute.torch_dtype,
                 engine_kwargs.get("max_num_batched_tokens", 2048), ExpertMetrics())
@@ -183,8 +183,9 @@ class AttentionShard:
 
     def record_routing_stats(self) -> dict:
         """Serve asks every `attention.routing.stats_period_s`; its routers (in each Ingress replica) get the
-        answer: the names of the blocks this shard could serve a prefix from, for KV-aware routing."""
-        return {"kv_blocks": self.llm.cached_block_names(ROUTING_BLOCKS)}
+        answer: the names of the blocks this shard could serve a prefix from, for KV-aware routing, and the
+        keyspace they are named in."""
+        return {"kv_blocks": self.llm.cached_block_names(ROUTING_BLOCKS), "keyspace_root": self.llm.keyspace_root.hex()}
 
     def healthy(self) -> bool:
         return self.llm.dead is None

@@ -31,14 +31,13 @@ import time
 import ray
 import torch
 
+from actors.checkpoints import local_checkpoint
 from actors.compute import Compute
 from actors.handles import call
 from actors.metrics import BusyClock, ExpertGroupMetrics, publish_every
 from actors.router import HEARTBEAT_S
 from experts.expert_group import ExpertBatch, ExpertGroup
 from experts.probe import ExpertProbe
-from mistral.checkpoint import CheckpointReader
-from mistral.presets import resolve_model
 from router_service.grpc_transport import serve_expert_group
 from router_service.placement_follower import PlacementFollower
 from router_service.transport import ReplicaInfo, ReplicaSpec
@@ -57,7 +56,7 @@ class ExpertGroupServer:
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
             torch.set_num_threads(max(1, int(cpus)))
         devices = compute.devices(max(1, num_gpus))
-        reader = CheckpointReader(resolve_model(model))
+        reader = local_checkpoint(model)
         first, *later = await router.placements.remote(group_id)
         group = await asyncio.to_thread(ExpertGroup.load, reader, first, group_id, compute.torch_dtype,
                                         devices if len(devices) > 1 else devices[0])

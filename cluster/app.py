@@ -39,7 +39,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from actors.attention_shard import AttentionShard, ExpertLink
-from actors.compute import Compute, compute_for
+from actors.compute import compute_for
 from actors.expert_group_server import ExpertGroupServer
 from actors.memory_store import MemoryStore
 from actors.router import Router
@@ -57,11 +57,8 @@ from engine.errors import EngineDeadError
 from engine.outputs import RequestOutput
 from engine.tokenizer import Tokenizer
 from experts import eplb
-from memory.block_hash import BlockKeyspace
-from memory.serialize import dtype_name
 from experts.parallel_config import LAYER_PATH_ENV
 from experts.placement import Placement, PlacementError, make_placement
-from mistral.checkpoint import CheckpointReader
 from mistral.config import ModelConfig
 from mistral.errors import ConfigError
 from mistral.presets import resolve_model
@@ -100,7 +97,7 @@ def plan(config: ServeConfig) -> tuple[Path, Placement | None]:
     """The checkpoint directory and the expert placement (None without expert groups); raises on a config
     that cannot work, so callers can check one before deploying it."""
     model_dir = resolve_model(config.model)  # materialises a preset once, before any replica starts
-    model = CheckpointReader(model_dir).config
+    model = ModelConfig.from_dir(model_dir)  # the config alone: the head need not hold the weights
     _check_memory(config, model)
     _check_capacity(config, capacity.AUTOSCALER_CONFIG.expanduser())
     if config.expert_groups is None:
@@ -182,7 +179,7 @@ def build_app(config: ServeConfig) -> serve.Application:
     attention, router, groups, link = config.attention, None, [], ExpertLink()
     shard_gpus = _gpus(attention.num_gpus, gpus)
     if placement is not None:
-        eg, model = config.expert_groups, CheckpointReader(model_dir).config
+        eg, model = config.expert_groups, ModelConfig.from_dir(model_dir)
         group_gpus = _gpus(eg.num_gpus, gpus)
         group_compute = compute_for(config.dtype, group_gpus)
         link = ExpertLink(eg.resolved_transport(group_gpus, shard_gpus), _layer_host(config), eg.call_timeout,
@@ -207,7 +204,7 @@ def build_app(config: ServeConfig) -> serve.Application:
         ).bind(ms.ram_bytes, ms.directory, ms.disk_bytes, memory.write_policy, config.model_name)
     shard = AttentionShardDeployment.options(
         **_shard_scaling(config), **_health_options(attention.health_check),
-        **_routing_options(attention.routing, model_dir, compute_for(config.dtype, shard_gpus)),
+        **_routing_options(attention.routing),
         ray_actor_options={"num_cpus": attention.num_cpus, "num_gpus": shard_gpus, "resources": attention.resources,
                            "runtime_env": {"env_vars": SERVE_ENV | (LAYER_PATH_ENV if placement is not None else {})}},
     ).bind(AsyncLLM, engine_kwargs, compute_for(config.dtype, shard_gpus), router, link,
@@ -304,14 +301,12 @@ def _scaling(bounds: Replicas, max_ongoing: int, target_tokens_per_s: float | No
     return {**options, "autoscaling_config": autoscaling}
 
 
-def _routing_options(routing: RoutingConfig, model_dir: Path, compute: Compute) -> dict:
-    """The AttentionShard deployment's request router: `KVAwareRouter`, naming blocks as the shards' engines do
-    (same weights, dtype and block size), or Serve's default."""
+def _routing_options(routing: RoutingConfig) -> dict:
+    """The AttentionShard deployment's request router: `KVAwareRouter` (which learns the shards' block keyspace
+    from their reports), or Serve's default."""
     if routing.policy == "power-of-two":
         return {}
-    keyspace = BlockKeyspace(CheckpointReader(model_dir).identity, dtype_name(compute.torch_dtype), BLOCK_SIZE)
-    kwargs = {**routing.model_dump(exclude={"policy", "stats_period_s"}), "keyspace_root": keyspace.root.hex(),
-              "block_size": BLOCK_SIZE}
+    kwargs = {**routing.model_dump(exclude={"policy", "stats_period_s"}), "block_size": BLOCK_SIZE}
     return {"request_router_config": {"request_router_class": f"{KVAwareRouter.__module__}:KVAwareRouter",
                                       "request_router_kwargs": kwargs,
                                       "request_routing_stats_period_s": routing.stats_period_s}}
@@ -403,7 +398,7 @@ class ServeShards:
 class Ingress:
     async def __init__(self, config: ServeConfig, shard, router, groups: list, memory_store=None):
         model_dir = resolve_model(config.model)
-        model = CheckpointReader(model_dir).config
+        model = ModelConfig.from_dir(model_dir)
         self.config, self.router = config, router
         self.frontend = Frontend(config.model_name, Tokenizer.load(model_dir, config.tokenizer),
                                  config.max_model_len or model.max_position_embeddings, model.vocab_size,

@@ -7,7 +7,9 @@ sources can say which shard holds which prefix:
 
 * what the shards report: every shard answers Serve's `record_routing_stats` with the names of the blocks in
   its device pool and host RAM (`AttentionShard.record_routing_stats`), every `stats_period_s`; every Ingress
-  replica's router gets them. This is the truth, a period late.
+  replica's router gets them. This is the truth, a period late. The report also carries the keyspace's root,
+  which depends on the weights: the router takes it from there, so building the application needs only the
+  model's config, not its weights (until the first report, requests go to the least busy shards).
 * what this router sent: a `PrefixIndex` from block name to the shard it last sent that prefix to, bounded
   and least-recently-used. This is immediate, but each Ingress replica knows only its own traffic.
 
@@ -108,25 +110,25 @@ def rank_shards(warm: Hashable | None, queue_lens: dict[Hashable, int | None], m
 class KVAwareRouter(RequestRouter):
     """Serve's request router for the AttentionShard deployment (`request_router_config`)."""
 
-    def initialize_state(self, keyspace_root: str, max_imbalance: int = 1, index_blocks: int = 65_536,
-                         max_prefix_blocks: int = 256, block_size: int = 16):
-        """`keyspace_root`: hex of the engine's `BlockKeyspace.root`, so that names match the shards'."""
-        self.max_imbalance = max_imbalance
-        self.index = PrefixIndex(bytes.fromhex(keyspace_root), block_size, index_blocks, max_prefix_blocks)
+    def initialize_state(self, max_imbalance: int = 1, index_blocks: int = 65_536, max_prefix_blocks: int = 256,
+                         block_size: int = 16):
+        self.max_imbalance, self.block_size = max_imbalance, block_size
+        self.index_blocks, self.max_prefix_blocks = index_blocks, max_prefix_blocks
+        self.index: PrefixIndex | None = None  # made once a shard has said which keyspace it names blocks in
         self._reported: dict[Hashable, tuple[list, set[bytes]]] = {}  # replica -> (its last report, as a set)
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         if not candidate_replicas:
             return []
         by_id = {r.replica_id: r for r in candidate_replicas}
-        chain = self._chain(pending_request)
+        chain = self._chain(pending_request, candidate_replicas)
         warm = warm_shard(chain, self.index.matches(chain), {i: self._held(r) for i, r in by_id.items()}) \
             if chain else None
         queue_lens = {replica_id: self.replica_queue_len_cache.get(replica_id) for replica_id in by_id}
         return [[by_id[i] for i in rank] for rank in rank_shards(warm, queue_lens, self.max_imbalance)]
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
-        chain = self._chain(pending_request)
+        chain = self._chain(pending_request, ())
         if chain:
             self.index.record(chain, replica_id)
 
@@ -147,5 +149,13 @@ class KVAwareRouter(RequestRouter):
             return ()
         return pending_request.args[0]
 
-    def _chain(self, pending_request) -> list[bytes]:
+    def _chain(self, pending_request, replicas) -> list[bytes]:
+        """The prompt's block names; none until a shard among `replicas` (or an earlier one) has reported the
+        keyspace the shards' engines name blocks in (it depends on the weights, which the shards read)."""
+        if self.index is None:
+            root = next((stats["keyspace_root"] for r in replicas
+                         if "keyspace_root" in (stats := r.routing_stats or {})), None)
+            if root is None:
+                return []
+            self.index = PrefixIndex(bytes.fromhex(root), self.block_size, self.index_blocks, self.max_prefix_blocks)
         return self.index.chain(self._token_ids(pending_request))

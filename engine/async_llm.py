@@ -165,6 +165,11 @@ class AsyncLLM:
         """See `LLMEngine.cached_block_names` (safe from any thread)."""
         return self.llm.engine.cached_block_names(limit)
 
+    @property
+    def keyspace_root(self) -> bytes:
+        """The root its block names chain from (weights, dtype, block size): see `memory.block_hash`."""
+        return self.llm.engine.keyspace.root
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; requests still running fail with `EngineDeadError`."""
         self._commands.put(("stop",))

@@ -88,10 +88,10 @@ class LLMEngine:
         _check_room(self.cache_info, needed, config, mc_bytes_per_block=model.config.kv_bytes_per_token(
             param.element_size()) * config.block_size)
         self.runner = ModelRunner(model, self.cache_info.num_blocks, config.block_size, param.dtype, param.device)
-        keyspace = BlockKeyspace(model_id, dtype_name(param.dtype), config.block_size)
+        self.keyspace = BlockKeyspace(model_id, dtype_name(param.dtype), config.block_size)
         self.tiers = _make_tiers(self.runner.kv_cache, config, memory_store_call, needed)
         kv = KVCacheManager(self.cache_info.num_blocks, config.block_size, model.config.sliding_window,
-                            config.enable_prefix_caching, keyspace.root, self.tiers)
+                            config.enable_prefix_caching, self.keyspace.root, self.tiers)
         self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)
         self.markers = Markers.of(tokenizer)

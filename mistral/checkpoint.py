@@ -139,6 +139,9 @@ class CheckpointReader:
             index_file = self.path / "model.safetensors.index.json"
             if index_file.is_file():
                 weight_map = json.loads(index_file.read_text())["weight_map"]
+                if missing := sorted({f for f in weight_map.values() if not (self.path / f).is_file()}):
+                    raise CheckpointError(f"{self.path} lacks weight files that {index_file.name} lists: "
+                                          f"{_preview(missing)}")
             else:
                 weight_map = self._keys_of(sorted(p.name for p in self.path.glob("*.safetensors")))
         else:

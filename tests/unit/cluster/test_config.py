@@ -115,6 +115,27 @@ def test_dense_model_with_expert_groups_is_refused(tmp_path):
         build_app(ServeConfig(model=str(dense)))
 
 
+def test_building_the_app_needs_the_models_config_and_tokenizer_not_its_weights(tmp_path, mixtral_dir):
+    """The head of a cluster may hold only the model's small files; the replicas read the weights on their nodes,
+    and one whose node lacks them names the node and the path."""
+    import shutil
+
+    from actors.checkpoints import local_checkpoint
+    from cluster.app import build_app
+    from mistral.errors import CheckpointError
+
+    head = tmp_path / "head"
+    shutil.copytree(mixtral_dir, head, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert build_app(ServeConfig(model=str(head), expert_groups={"num_groups": 2})) is not None
+    with pytest.raises(CheckpointError, match=rf"^node {socket.gethostname()} \(.+\) cannot read the model {head}: "
+                                              rf"{head} holds no .safetensors weights"):
+        local_checkpoint(str(head))
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=rf"^node .+ cannot read the model {nowhere}: .*does not exist"):
+        local_checkpoint(str(nowhere))
+    assert local_checkpoint(str(mixtral_dir)).path == mixtral_dir
+
+
 def test_msem_serve_refuses_a_bad_config_before_starting_anything(tmp_path, capsys):
     from cluster.cli import main
 

@@ -61,3 +61,24 @@ def test_every_shard_is_ranked_exactly_once(lens, warm, max_imbalance, seed):
         assert ranks[0] == [warm]
     else:
         assert load[ranks[0][0]] <= min(load[s] for s in ranks[0])
+
+
+def test_the_router_names_blocks_in_the_keyspace_the_shards_report(tiny_llm):
+    """The router learns the keyspace from a shard's report (no weights at build time), and then names a prompt's
+    blocks as that shard's engine does; until a report, it names none and load alone decides."""
+    from types import SimpleNamespace
+
+    from cluster.kv_routing import KVAwareRouter
+    from engine import AsyncLLM, SamplingParams
+
+    router = KVAwareRouter.__new__(KVAwareRouter)  # Serve builds routers; only its state is needed here
+    router.initialize_state(block_size=16)
+    prompt = SimpleNamespace(args=[TURN_1])
+    assert router._chain(prompt, [SimpleNamespace(routing_stats={})]) == []
+    tiny_llm.generate([TURN_1], SamplingParams(max_tokens=1))
+    engine = tiny_llm.engine
+    report = {"kv_blocks": engine.cached_block_names(64), "keyspace_root": engine.keyspace.root.hex()}
+    chain = router._chain(prompt, [SimpleNamespace(routing_stats={}), SimpleNamespace(routing_stats=report)])
+    assert len(chain) == 3 and set(chain) <= set(report["kv_blocks"])
+    assert router._chain(prompt, []) == chain  # kept once learnt
+    assert AsyncLLM.keyspace_root.fget(SimpleNamespace(llm=tiny_llm)) == engine.keyspace.root

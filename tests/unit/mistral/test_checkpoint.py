@@ -48,6 +48,10 @@ def test_own_sharded_writer_round_trip(tmp_path, mixtral_dir):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     assert torch.equal(logits_of(out), logits_of(mixtral_dir))
+    lost = sorted(set(index["weight_map"].values()))[1]
+    (out / lost).unlink()  # a copy cut short: the index lists a file the directory lacks
+    with pytest.raises(CheckpointError, match=f"lacks weight files that model.safetensors.index.json lists: {lost}$"):
+        CheckpointReader(out)
 
 
 def test_reading_a_subset_of_experts_reads_only_those(tmp_path, mixtral_dir):
