@@ -6,8 +6,11 @@ provider's defaults (and, for the local provider, builds its single node type fr
 """
 
 import copy
+import os
 import re
 import shlex
+import subprocess
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -39,8 +42,7 @@ def head_commands(config: dict) -> list[list[str]]:
 
 
 def deployed_configs(config: dict) -> list[Path]:
-    """The configs/ files the head deploys: `serve deploy ~/msem/<path>`, with ~/msem the synced checkout."""
-    assert config["file_mounts"] == {"~/msem": "."}, "the checkout must be synced to ~/msem"
+    """The configs/ files the head deploys: `serve deploy ~/msem/<path>`, with ~/msem the synced sources."""
     return [ROOT / argv[2].removeprefix("~/msem/") for argv in head_commands(config) if argv[:2] == ["serve", "deploy"]]
 
 
@@ -119,3 +121,88 @@ def test_a_misspelled_key_fails_validation(name, path, typo):
     node[typo] = node.pop(key)
     with pytest.raises(jsonschema.ValidationError, match=typo):
         validate_like_ray_up(config)
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_every_node_gets_msems_sources_and_nothing_else(name):
+    """What `pip install -e ~/msem` needs (pyproject.toml, its readme, every package it lists) and the Serve configs,
+    each mounted on its own: a mount of the whole checkout would hash and sync a local .venv too."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = [pattern.rstrip("*") for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    wanted = ["pyproject.toml", project["project"]["readme"], *packages, "configs"]
+    assert read(name)["file_mounts"] == {f"~/msem/{path}": f"./{path}" for path in wanted}
+    assert all((ROOT / path).exists() for path in wanted)
+
+
+def setup_of(config: dict, role: str) -> str:
+    """The setup commands a node of `role` ("head" or "worker") runs, in order, as one text."""
+    return "\n".join(" ".join(cmd.split()) for cmd in config["setup_commands"] + config[f"{role}_setup_commands"])
+
+
+def test_each_node_copies_the_model_the_deployed_config_names():
+    """Workers copy the whole checkpoint to the `model` path; the head only its small files (building the app
+    reads its config and tokenizer, tests/unit/cluster/test_config.py)."""
+    config = read("cluster.yaml")
+    [path] = deployed_configs(config)
+    model = load_config(path).model
+    syncs = {role: [cmd for cmd in setup_of(config, role).splitlines() if cmd.startswith("aws s3 sync")]
+             for role in ("head", "worker")}
+    for role, [sync] in syncs.items():
+        assert sync.endswith(f"/{Path(model).name} {model}"), sync
+    assert "--exclude '*.safetensors'" in syncs["head"][0] and "--exclude" not in syncs["worker"][0]
+    profiles = {name: t["node_config"]["IamInstanceProfile"] for name, t in config["available_node_types"].items()}
+    assert profiles.pop(config["head_node_type"]) == {"Name": "msem-head"}  # it may pass msem-model-read on
+    assert set(map(str, profiles.values())) == {str({"Name": "msem-model-read"})}
+
+
+def test_the_head_installs_cpu_torch_and_the_gpu_workers_cuda_torch():
+    config = read("cluster.yaml")
+    head, worker = setup_of(config, "head"), setup_of(config, "worker")
+    assert "download.pytorch.org/whl/cpu" in head and "cu128" not in head
+    assert "download.pytorch.org/whl/cu128" in worker and "whl/cpu" not in worker
+    assert worker.index("nvidia-smi") < worker.index("whl/cu128"), "the driver is checked before torch is installed"
+
+
+@pytest.mark.parametrize("driver, ok", [("570.86.15", True), ("580.65.06", True), ("550.54.15", False), (None, False)])
+def test_a_worker_without_an_nvidia_driver_of_at_least_570_stops_saying_so(tmp_path, driver, ok):
+    [check] = [cmd for cmd in read("cluster.yaml")["worker_setup_commands"] if "nvidia-smi" in cmd]
+    if driver is not None:  # a stand-in nvidia-smi that reports the driver; without one, none is installed
+        (tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\necho {driver}\necho {driver}\n")
+        (tmp_path / "nvidia-smi").chmod(0o755)
+    done = subprocess.run(["bash", "-c", check], env={**os.environ, "PATH": f"{tmp_path}:/usr/bin:/bin"},
+                          capture_output=True, text=True)
+    assert (done.returncode == 0) == ok, done
+    if not ok:
+        assert f"NVIDIA driver {driver or 'missing'}: msem's CUDA 12.8 torch needs >= 570" in done.stderr
+
+
+def test_the_endpoints_answer_on_the_head_and_the_security_group_opens_them():
+    """HTTP (Serve's proxy, HeadOnly) and gRPC (the Ingress, pinned to the head) both answer on the head's address,
+    at the ports the security group opens; nothing else is opened to the outside (Ray adds SSH)."""
+    config = read("cluster.yaml")
+    [path] = deployed_configs(config)
+    serve = load_config(path)
+    assert yaml.safe_load(path.read_text())["proxy_location"] == "HeadOnly"
+    assert serve.control_resources == {HEAD: 0.001}
+    rules = config["provider"]["security_group"]["IpPermissions"]
+    assert sorted((rule["FromPort"], rule["ToPort"]) for rule in rules) == sorted(
+        [(serve.http_port, serve.http_port), (serve.grpc_port, serve.grpc_port)])
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_every_node_exports_metrics_on_one_port(name):
+    config = read(name)
+    starts = [" ".join(cmd.split()) for key in ("head_start_ray_commands", "worker_start_ray_commands")
+              for cmd in config[key] if "ray start" in cmd]
+    assert all("--metrics-export-port=8080" in cmd for cmd in starts), starts
+
+
+def test_on_prem_machines_reach_each_other_through_fixed_ports_and_the_machines_address():
+    config = read("cluster.local.yaml")
+    head, worker = [next(" ".join(cmd.split()) for cmd in config[key] if "ray start" in cmd)
+                    for key in ("head_start_ray_commands", "worker_start_ray_commands")]
+    fixed = re.findall(r"--(?:object-manager|node-manager|min-worker|max-worker|metrics-export)-port=\d+", head)
+    assert len(fixed) == 5 and all(flag in worker for flag in fixed)
+    [path] = deployed_configs(config)
+    serve = load_config(path)
+    assert serve.host == "0.0.0.0" and yaml.safe_load(path.read_text())["http_options"]["host"] == "0.0.0.0"

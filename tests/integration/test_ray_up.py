@@ -7,8 +7,9 @@ The "head node" is this machine behind a private sshd:
   see, and must not see other Ray instances on this machine. Killing sshd ends everything started over SSH.
 - with its own HOME and TMPDIR (sshd `SetEnv`), so the synced checkout and Ray's sessions stay temporary.
 The config is cluster.local.yaml with three changes: this venv (which has msem) instead of the installing setup
-commands; free ports instead of Ray's defaults (GCS 6379, dashboard 8265, client server 10001, agent 52365);
-and the deployed Serve config copied with free HTTP and gRPC ports.
+commands; free ports instead of its fixed ones and Ray's defaults (GCS 6379, dashboard 8265, object and node
+managers, metrics, workers, client server 10001, agent 52365); and the deployed Serve config copied to bind
+loopback on free HTTP and gRPC ports.
 """
 
 import getpass
@@ -73,6 +74,9 @@ class Ports:
     dashboard_agent: int
     http: int
     grpc: int
+    object_manager: int
+    node_manager: int
+    metrics: int
 
 
 def find_tool(name: str) -> str | None:
@@ -158,10 +162,10 @@ SetEnv HOME={home} TMPDIR={tmp} RAY_USAGE_STATS_ENABLED=0
 
 
 def serve_config_on(ports: Ports, path: Path) -> dict:
-    """A copy of a configs/ file whose HTTP and gRPC servers listen on the given ports."""
+    """A copy of a configs/ file whose HTTP and gRPC servers listen on loopback, on the given ports."""
     config = yaml.safe_load(path.read_text())
-    config["http_options"]["port"] = ports.http
-    config["applications"][0]["args"].update(http_port=ports.http, grpc_port=ports.grpc)
+    config["http_options"].update(host="127.0.0.1", port=ports.http)
+    config["applications"][0]["args"].update(host="127.0.0.1", http_port=ports.http, grpc_port=ports.grpc)
     return config
 
 
@@ -177,9 +181,15 @@ def smoke_config(node: SSHNode, ports: Ports, cluster_name: str) -> dict:
     commands = []
     for command in config["head_start_ray_commands"]:
         if "ray start --head" in command:
-            assert "--port=6379" in command and "--dashboard-port=8265" in command, command
-            command = command.replace("--port=6379", f"--port={ports.gcs}")
-            command = command.replace("--dashboard-port=8265", f"--dashboard-port={ports.dashboard}")
+            fixed = {"--port=6379": f"--port={ports.gcs}",
+                     "--dashboard-port=8265": f"--dashboard-port={ports.dashboard}",
+                     "--object-manager-port=8076": f"--object-manager-port={ports.object_manager}",
+                     "--node-manager-port=8077": f"--node-manager-port={ports.node_manager}",
+                     "--metrics-export-port=8080": f"--metrics-export-port={ports.metrics}",
+                     "--min-worker-port=10002": "--min-worker-port=0", "--max-worker-port=10999": "--max-worker-port=0"}
+            for port, free in fixed.items():  # 0: workers take random ports
+                assert port in command, command
+                command = command.replace(port, free)
             command += f" --ray-client-server-port={ports.client_server}"
             command += f" --dashboard-agent-listen-port={ports.dashboard_agent} --num-cpus=4"
         elif command.startswith("serve deploy ~/msem/"):
@@ -228,7 +238,7 @@ def remove_ssh_control_dir(cluster_name: str) -> None:
 
 @pytest.mark.timeout(360)
 def test_ray_up_over_ssh_serves_the_app_and_ray_down_stops_it(ssh_node, tmp_path):
-    ports = Ports(*free_ports(6))
+    ports = Ports(*free_ports(9))
     cluster_name = f"msem-smoke-{os.getpid()}"  # it also names ssh's control socket: concurrent runs stay apart
     config_file = tmp_path / "cluster.yaml"
     config_file.write_text(yaml.safe_dump(smoke_config(ssh_node, ports, cluster_name)))
