@@ -22,6 +22,7 @@ from pathlib import Path
 from cluster.capacity import add_capacity_command
 from cluster.client import add_client_command
 from cluster.dashboard_command import add_dashboard_command
+from cluster.deployment_plan import add_plan_command
 from cluster.experts_command import add_experts_command
 from cluster.generate import add_generate_command
 from cluster.serve_command import DeployFailedError, add_serve_command
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dashboard_command(commands)
     add_experts_command(commands)
     add_capacity_command(commands)
+    add_plan_command(commands)
     _add_checkpoint_commands(commands)
     return parser
 

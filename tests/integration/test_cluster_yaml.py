@@ -22,6 +22,8 @@ from ray.serve.schema import ServeDeploySchema
 from cluster import capacity
 from cluster.app import SERVE_ENV
 from cluster.config import HEAD, load_config
+from cluster.deployment_plan import GIB, plan_groups
+from mistral.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_FILES = ["cluster.yaml", "cluster.local.yaml"]
@@ -101,7 +103,9 @@ def test_gpu_cluster_serves_mixtral_with_explicit_gpus():
     [path] = deployed_configs(config)
     serve = load_config(path)
     assert serve.dtype == "bfloat16" and serve.host == "0.0.0.0"
-    assert serve.expert_groups.num_groups == 8
+    # The groups fill an A100 40 GB (msem plan), not one expert each.
+    groups = plan_groups(PRESETS["mixtral-8x7b"].config, 40 * GIB, dtype_bytes=2)
+    assert serve.expert_groups.num_groups == groups.num_groups == 3
     # At `serve deploy` time no GPU worker may be up yet, so GPUs must not be left to autodetection.
     assert serve.attention.num_gpus == 1 and serve.expert_groups.num_gpus == 1
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[3]
 MIXTRAL = ROOT / "configs" / "mixtral-8x7b.yaml"
 
 
-def _types(experts_max: int = 3) -> list[capacity.NodeType]:
+def _types(experts_max: int = 2) -> list[capacity.NodeType]:
     launcher = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     launcher["available_node_types"]["experts"]["max_workers"] = experts_max
     return capacity.node_types(launcher)
@@ -27,16 +27,16 @@ def test_the_shipped_cluster_holds_the_shipped_config_and_ties_roles_to_node_typ
     holds = {t.name: {r.name: t.holds(r.demand) for r in capacity.roles(config, has_gpus=True)} for t in _types()}
     assert holds["head"]["AttentionShard"] == holds["head"]["ExpertGroup0"] == 0
     assert (holds["attention"]["AttentionShard"], holds["attention"]["ExpertGroup0"]) == (1, 0)
-    assert (holds["experts"]["AttentionShard"], holds["experts"]["ExpertGroup3"]) == (0, 8)
+    assert (holds["experts"]["AttentionShard"], holds["experts"]["ExpertGroup2"]) == (0, 8)
 
 
 def test_bounds_beyond_the_node_types_are_named_with_their_numbers():
     args = yaml.safe_load(MIXTRAL.read_text())["applications"][0]["args"]
-    args["expert_groups"] |= {"replicas": {"min": 1, "max": 4}, "group_replicas": {0: {"min": 1, "max": 6}}}
-    found = capacity.problems(parse_config(args), _types(experts_max=2))
-    assert found[0] == ("ExpertGroup0..7 may run 34 replicas of {CPU: 0.5, GPU: 1, msem_experts: 1} at their upper "
+    args["expert_groups"] |= {"replicas": {"min": 1, "max": 8}, "group_replicas": {0: {"min": 1, "max": 10}}}
+    found = capacity.problems(parse_config(args), _types())
+    assert found[0] == ("ExpertGroup0..2 may run 26 replicas of {CPU: 0.5, GPU: 1, msem_experts: 1} at their upper "
                         "bounds; the node types that hold one (experts: 2 x 8) hold 16")
-    assert "all roles at their upper bounds ask for 38 GPU; the node types have 20 at their max_workers" in found
+    assert "all roles at their upper bounds ask for 30 GPU; the node types have 20 at their max_workers" in found
 
 
 def test_a_resource_no_node_type_has_is_named():
@@ -69,14 +69,14 @@ def test_the_capacity_command_prints_each_role_and_exits_1_when_the_bounds_do_no
 
     assert cli.main(["capacity", "--config", str(MIXTRAL), "--cluster", str(ROOT / "cluster.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "ExpertGroup0                4  {CPU: 0.5, GPU: 1, msem_experts: 1}          experts: 3 x 8" in out
+    assert "ExpertGroup0                6  {CPU: 0.5, GPU: 1, msem_experts: 1}          experts: 2 x 8" in out
     assert "head: 1 x 16" in out.split("MemoryStore")[1].splitlines()[0]  # pinned to the head
     assert out.endswith("fits " + str(ROOT / "cluster.yaml") + " at its upper replica bounds\n")
     small = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     small["available_node_types"]["experts"]["max_workers"] = 1
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
     assert cli.main(["capacity", "--config", str(MIXTRAL), "--cluster", str(tmp_path / "small.yaml")]) == 1
-    assert "does not fit: ExpertGroup0..7 may run 18 replicas" in capsys.readouterr().out
+    assert "does not fit: ExpertGroup0..2 may run 14 replicas" in capsys.readouterr().out
     assert cli.main(["capacity", "--config", str(ROOT / "configs" / "tiny.yaml"),
                      "--cluster", str(ROOT / "cluster.local.yaml")]) == 0
     assert capsys.readouterr().out.endswith("(Ray measures those machines when it starts them): not checked\n")

@@ -51,7 +51,7 @@ def test_a_wedged_group_fails_within_the_deadline_and_recovers(group):
         began = time.monotonic()
         with pytest.raises(ExpertProbeFailed, match="expert group 1 did not compute a 1-token probe within 0.3 s"):
             probe.check()
-        assert time.monotonic() - began < 1.0
+        assert time.monotonic() - began < 2.0  # 0.3 s, with room for a loaded machine
     assert wedged.calls == 1
     wedged.release.set()
     probe.check(timeout_s=5.0)
