@@ -49,6 +49,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 
 from importlib.metadata import version as package_version
+from typing import TypeVar
 
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
@@ -76,6 +77,7 @@ Run = tuple[list[int], SamplingParams]  # one prompt's token ids and how to samp
 VERSION = package_version("msem")
 PING_S = 15  # a comment line this often keeps proxies from closing a quiet stream (a long prefill)
 REJECTED = (400, 401, 404, 413, 429, 503)  # refusals counted in msem_requests_rejected, by status
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -240,7 +242,9 @@ class _Api:
         builder = ResponseBuilder(parsed, request_id, frontend.model_name)
         if parsed.self_verification is not None:
             [(ids, params)] = runs
-            verified = await verify(frontend, parsed, ids, params, request_id)
+            verified = await _unless_disconnected(verify(frontend, parsed, ids, params, request_id), request.receive)
+            if verified is None:  # the client is gone: its candidates and verifiers were stopped
+                return Response(status_code=499)
             return JSONResponse({**builder.response([verified.output]), "usage": verified.usage,
                                  "self_verification": verified.report})
         streams = [frontend.generate(ids, params, request_id=request_id if len(runs) == 1 else f"{request_id}-{p}",
@@ -249,7 +253,7 @@ class _Api:
         if parsed.stream:
             first = await anext(deltas, None)  # bad input and overload raise here, before the status is sent
             return _EventStream(_events(first, deltas, builder, frontend.limits.retry_after_s))
-        outputs = await _collect(deltas, len(runs), request.receive)
+        outputs = await _unless_disconnected(_collect(deltas, len(runs)), request.receive)
         if outputs is None:  # the client is gone; nobody reads this
             return Response(status_code=499)
         return JSONResponse(builder.response(outputs))
@@ -321,22 +325,24 @@ async def _interleaved(streams: list[AsyncGenerator[RequestOutput, None]]
         waiter.cancel()
 
 
-async def _collect(deltas: AsyncIterator[tuple[int, RequestOutput]], num_prompts: int,
-                   receive: Receive) -> list[RequestOutput] | None:
-    """Each prompt's deltas merged; None when the client disconnects first, which stops the request."""
+async def _collect(deltas: AsyncIterator[tuple[int, RequestOutput]], num_prompts: int) -> list[RequestOutput]:
+    """Each prompt's deltas merged."""
+    outputs: list[RequestOutput | None] = [None] * num_prompts
+    async for prompt_index, delta in deltas:
+        outputs[prompt_index] = merge(outputs[prompt_index], delta)
+    assert all(output is not None for output in outputs), "every prompt's stream ends with a delta"
+    return outputs  # type: ignore[return-value]
 
-    async def merged() -> list[RequestOutput]:
-        outputs: list[RequestOutput | None] = [None] * num_prompts
-        async for prompt_index, delta in deltas:
-            outputs[prompt_index] = merge(outputs[prompt_index], delta)
-        assert all(output is not None for output in outputs), "every prompt's stream ends with a delta"
-        return outputs  # type: ignore[return-value]
+
+async def _unless_disconnected(result: Awaitable[T], receive: Receive) -> T | None:
+    """`result`, or None when the client disconnects first: then the work is cancelled, which closes its
+    streams and so aborts its requests on their shards."""
 
     async def disconnected() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
 
-    work, gone = asyncio.ensure_future(merged()), asyncio.ensure_future(disconnected())
+    work, gone = asyncio.ensure_future(result), asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:

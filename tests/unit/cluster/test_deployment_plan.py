@@ -90,4 +90,7 @@ def test_the_plan_command(capsys):
     assert "one expert takes 10.5 GiB" in capsys.readouterr().err
     assert cli.main(["plan", "mixtral-8x7b", "--gpu-memory", "-1"]) == 2
     assert "--gpu-memory must be > 0" in capsys.readouterr().err
+    assert cli.main(["plan", "mixtral-8x7b", "--gpu-memory", "40", "--groups", "9"]) == 2
+    assert "num_groups must be between 1 and the 8 experts, got 9" in capsys.readouterr().err
     assert cli.main(["plan", "nonesuch", "--gpu-memory", "40"]) == 2
+    assert "'nonesuch' is not a preset" in capsys.readouterr().err

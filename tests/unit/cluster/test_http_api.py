@@ -393,13 +393,14 @@ def test_overload_is_refused_with_retry_after(async_llm):
         assert http.post(COMPLETIONS, json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-def test_client_disconnect_aborts_the_request(async_llm, frontend, base, monkeypatch, stream):
+@pytest.mark.parametrize("extra", [{"stream": True}, {"stream": False}, {"self_verification": {"candidates": 3}}],
+                         ids=["stream", "whole", "self-verification"])
+def test_client_disconnect_aborts_the_request(async_llm, frontend, base, monkeypatch, extra):
     aborted = []  # the engine's unfinished requests at each abort: 1 means a running request was cut short
     abort = async_llm._abort
     monkeypatch.setattr(async_llm, "_abort", lambda request_id: (aborted.append(async_llm.num_unfinished_requests),
                                                                  abort(request_id)))
-    body = json.dumps({"prompt": "Hi", "max_tokens": 240, "stream": stream, "ignore_eos": True}).encode()
+    body = json.dumps({"prompt": "Hi", "max_tokens": 240, "ignore_eos": True, **extra}).encode()
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as conn:
         conn.sendall(f"POST {COMPLETIONS} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY}\r\n"
