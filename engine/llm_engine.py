@@ -128,8 +128,14 @@ class LLMEngine:
         arrival, first = next(self._arrival), None
         stop_ids = params.stop_token_ids + ((self.tokenizer.eos_id,) if not params.ignore_eos else ())
         bad_words = tuple(ids for word in params.bad_words for ids in _word_token_ids(self.tokenizer, word))
+        # With a thinking budget the model may think before a structured answer (the budget bounds the thought, so
+        # the answer, which the grammar constrains, always comes); without one the grammar applies from the start.
+        think = (self.markers.think, self.markers.end_think) \
+            if params.max_thinking_tokens is not None and None not in (self.markers.think, self.markers.end_think) \
+            else None
         for i in range(params.n):
-            grammar = None if params.structured_outputs is None else self.grammars.grammar(params.structured_outputs)
+            grammar = None if params.structured_outputs is None else \
+                self.grammars.grammar(params.structured_outputs, think)
             state = SamplingState.from_params(params, user.prompt_token_ids, i, self.runner.device,
                                               stop_token_ids=stop_ids, bad_words_ids=bad_words, grammar=grammar)
             seq = Request(f"{request_id}#{i}", request_id, i, user.prompt_token_ids, params, state, arrival,

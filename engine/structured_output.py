@@ -59,20 +59,29 @@ _executor = llguidance.LLExecutor(num_threads=min(8, cpu_count // 2)) if (cpu_co
 
 
 class Grammar:
-    """One sequence's place in its grammar."""
+    """One sequence's place in its grammar. With `think` (the `[THINK]` and `[/THINK]` ids) the sequence may
+    think first: `[THINK]` is allowed beside the grammar's first tokens, the thinking is unconstrained, and the
+    grammar applies to the answer after `[/THINK]`."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, eos_id: int):
-        self._matcher, self._eos_id = matcher, eos_id
+    def __init__(self, matcher: llguidance.LLMatcher, eos_id: int, think: tuple[int, int] | None = None):
+        self._matcher, self._eos_id, self._think = matcher, eos_id, think
+        self.phase = "start" if think is not None else "answer"  # "start", "thinking" or "answer"
 
     def accept(self, token_id: int) -> None:
         """Advance past a sampled token. A token the grammar did not allow (only a resumed request's tokens
         could be one) leaves the grammar in error, where it allows only the end of sequence."""
-        self._matcher.consume_token(token_id)
+        if self.phase == "start":
+            self.phase = "thinking" if token_id == self._think[0] else "answer"
+        elif self.phase == "thinking" and token_id == self._think[1]:
+            self.phase = "answer"
+            return
+        if self.phase == "answer":
+            self._matcher.consume_token(token_id)
 
     @property
     def is_terminated(self) -> bool:
         """The text is complete and nothing more may follow (or the grammar is in error)."""
-        return self._matcher.is_stopped() or self._matcher.is_error()
+        return self.phase == "answer" and (self._matcher.is_stopped() or self._matcher.is_error())
 
 
 class GrammarCompiler:
@@ -91,12 +100,15 @@ class GrammarCompiler:
         """Raise `InvalidRequestError` (naming `constraint.param`) unless llguidance can build the grammar."""
         self._grammar_text(constraint)
 
-    def grammar(self, constraint: StructuredOutputs) -> Grammar:
-        """A new sequence's grammar state, at the start of the text."""
+    def grammar(self, constraint: StructuredOutputs, think: tuple[int, int] | None = None) -> Grammar:
+        """A new sequence's grammar state, at the start of the text; `think`: see `Grammar` (ignored when the
+        grammar itself places the `[THINK]` it would allow)."""
         matcher = llguidance.LLMatcher(self._tokenizer(), self._grammar_text(constraint), log_level=0)
         if matcher.is_error():
             raise InvalidRequestError(f"{constraint.param}: {matcher.get_error()}", param=constraint.param)
-        return Grammar(matcher, self.tokenizer.eos_id)
+        if think is not None and matcher.validate_tokens([think[0]]):
+            think = None
+        return Grammar(matcher, self.tokenizer.eos_id, think)
 
     def _grammar_text(self, constraint: StructuredOutputs) -> str:
         """llguidance's grammar for a constraint, validated once and then cached (or its cached refusal)."""
@@ -155,9 +167,13 @@ def allowed_tokens(grammars: Sequence[Grammar], vocab_size: int) -> torch.Tensor
     allowed = allowed.bool()  # [R, V]; bit j of word w is token 32 w + j
     stuck = ~allowed.any(dim=1)  # [R]
     for i, grammar in enumerate(grammars):
-        if stuck[i] or grammar._matcher.is_error():
+        if grammar.phase == "thinking":
+            allowed[i] = True
+        elif stuck[i] or grammar._matcher.is_error():
             allowed[i] = False
             allowed[i, grammar._eos_id] = True
+        if grammar.phase == "start":
+            allowed[i, grammar._think[0]] = True
     return allowed
 
 

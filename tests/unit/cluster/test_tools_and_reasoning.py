@@ -209,6 +209,25 @@ def test_the_thinking_budget_closes_the_thought(v13, v13_client):
         assert out.usage.completion_tokens_details.reasoning_tokens == budget + 2  # the tags included
 
 
+def test_a_structured_answer_may_follow_a_bounded_thought(v13_client):
+    """A grammar that does not place [THINK] itself constrains the answer: with a thinking budget the model may
+    think first, unconstrained, and the answer after [/THINK] still validates; without one it answers at once."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    thought = {}
+    for budget in (None, 6):
+        out = v13_client.chat.completions.create(
+            model="tiny", messages=ASK, n=16, max_completion_tokens=60, temperature=1.0, seed=1,
+            response_format=response_format, extra_body={} if budget is None else {"max_thinking_tokens": budget})
+        for choice in out.choices:
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.message.content), schema)
+        thought[budget] = [c.message.model_extra.get("reasoning_content") for c in out.choices]
+    assert not any(thought[None])
+    assert any(thought[6]) and all(len(text) > 0 for text in thought[6] if text)
+
+
 def test_tools_in_the_v11_wire_format(v13_client):
     out = v13_client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",
                                              temperature=1.0, seed=7, max_completion_tokens=150)
