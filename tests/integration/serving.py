@@ -44,6 +44,16 @@ def pid_namespace() -> list[str]:
     return prefix
 
 
+def process_gone(pid: int) -> bool:
+    """Whether `pid` has exited; a zombie not yet reaped by its parent counts as gone."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:  # also when it vanishes between the lookup and the read
+        return True
+
+
 def tiny_config(**overrides) -> ServeConfig:
     """The tiny preset with two expert groups on free loopback ports, sized for a 2-core machine; `overrides`
     replace top-level fields, and `expert_groups` / `attention` entries are merged into the defaults."""

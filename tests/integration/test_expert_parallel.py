@@ -11,6 +11,7 @@ from engine import LLM, SamplingParams
 from experts.parallel_config import ExpertParallelConfig
 from mistral.checkpoint import expert_tensor_names
 from tests.conftest import same_greedy_outputs, small_llm
+from tests.integration.serving import process_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -27,14 +28,6 @@ def info(llm: LLM, replica_id: str) -> dict:
     import ray
 
     return ray.get(llm.expert_runtime.replicas[replica_id].describe.remote())
-
-
-def process_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # exited, not yet reaped
-    except FileNotFoundError:
-        return True
 
 
 def kill_mid_batch(llm: LLM, replica_id: str, at_layer: int) -> list[int]:

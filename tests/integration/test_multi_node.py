@@ -18,14 +18,13 @@ Output is compared with the single-process engine: greedy text is identical, bef
 that run through it (the expert node's replica processes are gone while every stream still runs).
 """
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import pytest
 
-from tests.integration.serving import free_port, openai_client, stream_text, tiny_config
+from tests.integration.serving import free_port, openai_client, process_gone, stream_text, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]  # ~2 min on a quiet 2-core machine
 
@@ -103,17 +102,9 @@ def wait_for_placement(roles: dict[str, str], wanted: dict[str, list[str]], time
 
 def wait_until_gone(pids: list[int], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while alive := [pid for pid in pids if _is_alive(pid)]:
+    while alive := [pid for pid in pids if not process_gone(pid)]:
         assert time.monotonic() < deadline, f"replica processes {alive} outlived their node by {timeout} s"
         time.sleep(0.05)
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def greedy_text(client, prompt: str, max_tokens: int) -> str:
