@@ -289,13 +289,16 @@ def test_admission_limit_is_resource_exhausted_and_cancel_aborts(serve, async_ll
 def test_passed_deadline_stops_generating(serve, async_llm):
     shards = ControlledShards(async_llm)
     frontend = _frontend(async_llm, shards)
+    verified = pb.GenerateRequest(text=PROMPT, sampling=LONG, self_verification=pb.SelfVerification(candidates=3))
     with grpc.insecure_channel(serve(frontend)) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
-        for call in (stub.Generate, stub.GenerateStream):
-            code, _ = _code(call, pb.GenerateRequest(text=PROMPT, sampling=LONG), timeout=0.3)
+        for call, request in ((stub.Generate, pb.GenerateRequest(text=PROMPT, sampling=LONG)),
+                              (stub.GenerateStream, pb.GenerateRequest(text=PROMPT, sampling=LONG)),
+                              (stub.Generate, verified)):  # the candidates stop too
+            code, _ = _code(call, request, timeout=0.3)
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED
             _wait_until(lambda: async_llm.num_unfinished_requests == 0 and frontend.num_requests == 0)
-    assert shards.ends == ["aborted", "aborted"]
+    assert shards.ends == ["aborted", "aborted", "aborted"]
 
 
 def test_api_keys_guard_inference_but_not_health(serve):
