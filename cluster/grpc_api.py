@@ -208,11 +208,11 @@ def _choice(out: CompletionOutput, request: CompletionRequest | ChatRequest, num
     """One choice (or a stream's delta of it); `tool_text`: the choice's whole tool-call text once it finished,
     None before (a stream holds tool calls back until they are whole)."""
     uses_tools = isinstance(request, ChatRequest) and request.uses_tools
-    calls, text = tool_calls.split(tool_text or "", out.text, uses_tools) if tool_text is not None else \
-        (None, out.text + ("" if uses_tools else tool_calls.plain_text(out.tool_text)))
+    calls, text = tool_calls.split(tool_text or "", out.text, uses_tools, cut=out.finish_reason == "length") \
+        if tool_text is not None else (None, out.text + ("" if uses_tools else tool_calls.plain_text(out.tool_text)))
     show_reasoning = not isinstance(request, ChatRequest) or request.include_reasoning
     choice = pb.Choice(index=out.index, text=text, token_ids=out.token_ids,
-                       finish_reason=tool_calls.finish_reason(out.finish_reason, calls) or "",
+                       finish_reason=tool_calls.finish_reason(out.finish_reason, bool(calls)) or "",
                        reasoning=out.reasoning if show_reasoning else "",
                        tool_calls=[pb.ToolCall(id=c["id"], name=c["function"]["name"],
                                                arguments=c["function"]["arguments"]) for c in calls or ()])

@@ -39,6 +39,7 @@ class ResponseBuilder:
         self._chunk_object = "chat.completion.chunk" if request.is_chat else "text_completion"
         self._prompts: dict[int, tuple[int, int]] = {}  # per prompt: its token count and cached tokens
         self._sent: dict[int, CompletionOutput] = {}  # per choice: the text and tokens the client has
+        self._call_streams: dict[int, tool_calls.CallStream] = {}  # per choice: the tool calls it has
 
     def response(self, outputs: Sequence[RequestOutput]) -> dict:
         """The whole answer, from each prompt's merged deltas (one prompt unless a completions batch)."""
@@ -101,51 +102,52 @@ class ResponseBuilder:
         """One choice of a whole answer."""
         if not self.request.is_chat:
             return self._completion_choice(out, text_offset)
-        calls, content = self._tool_calls(out.tool_text, out.text)
+        calls, content = self._tool_calls(out.tool_text, out.text, out.finish_reason)
         message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else ""),
                                    **self._reasoning(out)}
         if calls:
             message["tool_calls"] = calls
         return self._finish({"index": out.index, "message": message, "logprobs": self._chat_logprobs(out)}, out,
-                            calls)
+                            bool(calls))
 
     def _completion_choice(self, out: CompletionOutput, text_offset: int) -> dict:
         """A completion's choice (or a stream's delta of it): all the text, reasoning and tool calls included."""
         text = out.reasoning + out.text + tool_calls.plain_text(out.tool_text)
         choice = {"index": out.index, "text": text,
                   "logprobs": None if out.logprobs is None else _completion_logprobs(out, text_offset)}
-        return self._finish(choice, out, None)
+        return self._finish(choice, out, False)
 
     def _chat_deltas(self, out: CompletionOutput, tool_text: str, is_first: bool) -> list[dict]:
-        """A chat stream's choice deltas for one engine delta. Tool-call text is held until the choice finishes
-        (`tool_text` is all of it so far); then its calls go out as OpenAI streams them: each call's id and
-        name, then its arguments."""
-        calls, content = None, out.text
-        if out.finish_reason is not None:
-            calls, content = self._tool_calls(tool_text, out.text)
-        elif not self.request.uses_tools:
+        """A chat stream's choice deltas for one engine delta (`tool_text`: all of the choice's so far). Tool
+        calls go out as OpenAI streams them (`tool_calls.CallStream`); tool text that has not begun a call is
+        held until the choice finishes, and becomes content if it never does."""
+        content, entries, made_calls = out.text, [], False
+        if not self.request.uses_tools:
             content += tool_calls.plain_text(out.tool_text)
+        elif tool_text:
+            stream = self._call_streams.setdefault(out.index, tool_calls.CallStream())
+            entries = stream.deltas(tool_text)
+            if out.finish_reason is not None and not stream.started:
+                calls, content = self._tool_calls(tool_text, out.text, out.finish_reason)
+                entries = [entry for k, call in enumerate(calls or ()) for entry in _whole_call(k, call)]
+            made_calls = stream.started or bool(entries)
         delta: dict[str, Any] = {"role": "assistant"} if is_first else {}
         delta.update(self._reasoning(out))
         if content or is_first:
             delta["content"] = content
         logprobs = self._chat_logprobs(out)
         deltas = [{"index": out.index, "delta": delta, "logprobs": logprobs}] \
-            if delta or logprobs or (out.finish_reason and not calls) else []
-        for k, call in enumerate(calls or ()):
-            name, arguments = call["function"]["name"], call["function"]["arguments"]
-            deltas.append({"index": out.index, "logprobs": None, "delta": {"tool_calls": [
-                {"index": k, "id": call["id"], "type": "function", "function": {"name": name, "arguments": ""}}]}})
-            deltas.append({"index": out.index, "logprobs": None, "delta": {"tool_calls": [
-                {"index": k, "function": {"arguments": arguments}}]}})
+            if delta or logprobs or (out.finish_reason and not entries) else []
+        deltas += [{"index": out.index, "logprobs": None, "delta": {"tool_calls": [entry]}} for entry in entries]
         for choice in deltas[:-1]:
             choice["finish_reason"] = None
         if deltas:
-            self._finish(deltas[-1], out, calls)
+            self._finish(deltas[-1], out, made_calls)
         return deltas
 
-    def _tool_calls(self, tool_text: str, content: str) -> tuple[list[dict] | None, str]:
-        return tool_calls.split(tool_text, content, self.request.is_chat and self.request.uses_tools)
+    def _tool_calls(self, tool_text: str, content: str, reason: str | None) -> tuple[list[dict] | None, str]:
+        return tool_calls.split(tool_text, content, self.request.is_chat and self.request.uses_tools,
+                                cut=reason == "length")
 
     def _reasoning(self, out: CompletionOutput) -> dict:
         """A reasoning model's thinking, as `reasoning_content` with vLLM's newer name `reasoning` beside it."""
@@ -157,11 +159,18 @@ class ResponseBuilder:
         return None if out.logprobs is None else _chat_logprobs(out, self.request.num_top_logprobs)
 
     @staticmethod
-    def _finish(choice: dict, out: CompletionOutput, calls: list[dict] | None) -> dict:
-        choice["finish_reason"] = tool_calls.finish_reason(out.finish_reason, calls)
+    def _finish(choice: dict, out: CompletionOutput, made_calls: bool) -> dict:
+        choice["finish_reason"] = tool_calls.finish_reason(out.finish_reason, made_calls)
         if isinstance(out.stop_reason, (str, int)) and out.finish_reason is not None:
             choice["stop_reason"] = out.stop_reason  # vLLM's extension: the stop string or token that ended it
         return choice
+
+
+def _whole_call(k: int, call: dict) -> list[dict]:
+    """A whole call as stream delta entries: its id and name, then its arguments."""
+    return [{"index": k, "id": call["id"], "type": "function",
+             "function": {"name": call["function"]["name"], "arguments": ""}},
+            {"index": k, "function": {"arguments": call["function"]["arguments"]}}]
 
 
 def _ranked(position: PositionLogprobs) -> list[tuple[str, float]]:

@@ -53,24 +53,66 @@ def test_required_and_named_tool_choice_make_valid_calls(client):
     _check_calls([call], names=("get_time",))
 
 
-def test_streamed_tool_calls_arrive_as_openai_sends_them(client):
-    stream = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",
-                                            parallel_tool_calls=False, temperature=0.8, seed=3,
-                                            max_completion_tokens=80, stream=True)
+def _streamed_calls(stream) -> tuple[dict[int, dict], str | None]:
+    """A chat stream's tool calls, merged as the openai client's users merge them, and its finish reason."""
     calls: dict[int, dict] = {}
     finish = None
     for chunk in stream:
         for choice in chunk.choices:
             for delta in choice.delta.tool_calls or ():
                 call = calls.setdefault(delta.index, {"id": None, "name": "", "arguments": ""})
+                assert (delta.id is not None) == (call["id"] is None)  # the id comes once, first
                 call["id"] = delta.id or call["id"]
                 call["name"] += (delta.function.name or "") if delta.function else ""
                 call["arguments"] += (delta.function.arguments or "") if delta.function else ""
             finish = choice.finish_reason or finish
+    return calls, finish
+
+
+def test_streamed_tool_calls_arrive_as_openai_sends_them(client):
+    calls, finish = _streamed_calls(client.chat.completions.create(
+        model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=0.8,
+        seed=3, max_completion_tokens=80, stream=True))
     assert finish == "tool_calls" and calls
     for call in calls.values():
         assert is_mistral_call_id(call["id"])
         jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+
+
+def test_a_call_cut_by_max_tokens_comes_back_as_a_call(client):
+    """As OpenAI answers: the call begun, its arguments cut short, finish_reason "length"; streamed alike."""
+    request = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                   temperature=1.0, seed=5, max_completion_tokens=16)
+    whole = client.chat.completions.create(**request).choices[0]
+    assert whole.finish_reason == "length" and whole.message.content is None
+    (call,) = whole.message.tool_calls
+    assert call.function.name in SCHEMAS and call.function.arguments.startswith("{")
+    with pytest.raises(ValueError):
+        json.loads(call.function.arguments)
+    streamed, finish = _streamed_calls(client.chat.completions.create(**request, stream=True))
+    assert finish == "length"
+    assert [(c["name"], c["arguments"]) for c in streamed.values()] == [(call.function.name, call.function.arguments)]
+
+
+@pytest.mark.parametrize("text", [
+    '[TOOL_CALLS] [{"name": "f", "arguments": {"a": [1, -2.5e3, "x\\"y", true, null], "b": {}}, "id": "abcDEF123"}, '
+    '{"name": "g", "arguments": {}}]',
+    '[TOOL_CALLS]f[CALL_ID]xyz987ABC[ARGS]{"a": [1, "b"], "c": false}[TOOL_CALLS]g[ARGS]{}'])
+def test_a_stream_sends_each_call_as_it_is_written(text):
+    """Fed the tools channel a character at a time, a stream sends each call's id and name once, then pieces of
+    its arguments that add up to the whole answer's, each piece sent as soon as it is written."""
+    stream, sent = tool_calls.CallStream(), {}
+    for end in range(len(text) + 1):
+        for entry in stream.deltas(text[:end]):
+            call = sent.setdefault(entry["index"], {"id": entry.get("id"), "name": "", "pieces": []})
+            call["name"] += entry["function"].get("name", "")
+            call["pieces"].append(entry["function"]["arguments"])
+        for k, partial in enumerate(tool_calls.scan(text[:end])):  # nothing written is held back
+            assert "".join(sent[k]["pieces"]) == partial.arguments
+    whole = tool_calls.parse(text)
+    assert [(c["name"], "".join(c["pieces"])) for c in sent.values()] == \
+        [(c["function"]["name"], c["function"]["arguments"]) for c in whole]
+    assert all(is_mistral_call_id(c["id"]) for c in sent.values()) and len(sent[0]["pieces"]) > 10
 
 
 def test_auto_puts_the_tools_in_the_prompt_and_a_conversation_with_results_continues(client):
@@ -113,6 +155,10 @@ def test_parse_reads_every_wire_format():
         assert tool_calls.parse(broken) is None
     calls, content = tool_calls.split("[TOOL_CALLS]f[ARGS]{oops", "Sure. ", uses_tools=True)
     assert calls is None and content == "Sure. f{oops"  # what is not a call stays text
+    cut = '[TOOL_CALLS] [{"name": "f", "arguments": {"city": "Pa'
+    assert tool_calls.split(cut, "", uses_tools=True) == (None, cut.removeprefix("[TOOL_CALLS]"))
+    (call,), content = tool_calls.split(cut, "", uses_tools=True, cut=True)  # cut by max_tokens: the call begun
+    assert call["function"] == {"name": "f", "arguments": '{"city": "Pa'} and content == ""
 
 
 def test_a_tokenizer_without_tool_tokens_refuses_tools():
@@ -143,6 +189,12 @@ def test_tools_over_grpc(serve):
                                            max_tokens=80, temperature=0))
         last = streamed[-1].choices[-1]
         assert last.finish_reason == "tool_calls" and last.tool_calls
+        cut = client.chat(ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=16,
+                          temperature=1.0, seed=5)
+        (choice,) = cut.choices
+        assert choice.finish_reason == "length" and not choice.text
+        (call,) = choice.tool_calls
+        assert call.name in SCHEMAS and call.arguments.startswith("{")
 
 
 # ---- reasoning and tools in the newer format, v13 ----
