@@ -51,6 +51,7 @@ class ExpertLink:
     host: str | None = "127.0.0.1"  # where a torch session's store binds and is reached (None: the node's address)
     call_timeout: float = 10.0  # deadline of one dispatch to one replica, seconds
     failover_timeout: float = 30.0  # how long a layer may wait for a group to have a live replica again
+    startup_timeout: float = 30.0  # how long a new shard waits for every group to have one
 
 
 class TorchSession:
@@ -106,7 +107,8 @@ def connect_experts(router, link: ExpertLink, shard_id: str, model_dir: str, dty
         transport = RayTransport(namespace=RAY_NAMESPACE, timeout=link.call_timeout)
     else:
         raise ValueError(f"unknown transport {link.transport!r}: use grpc, torch or ray")
-    backend = RemoteExperts(transport, client, failover_timeout=link.failover_timeout, stats_sink=stats_sink)
+    backend = RemoteExperts(transport, client, failover_timeout=link.failover_timeout,
+                            startup_timeout=link.startup_timeout, stats_sink=stats_sink)
     return backend, session
 
 

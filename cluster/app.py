@@ -183,7 +183,7 @@ def build_app(config: ServeConfig) -> serve.Application:
         group_gpus = _gpus(eg.num_gpus, gpus)
         group_compute = compute_for(config.dtype, group_gpus)
         link = ExpertLink(eg.resolved_transport(group_gpus, shard_gpus), _layer_host(config), eg.call_timeout,
-                          eg.failover_timeout)
+                          eg.failover_timeout, eg.startup_timeout)
         router = RouterDeployment.options(max_ongoing_requests=1000, ray_actor_options=_control(config)).bind(
             placement, eg.rebalance.model_dump(), ExpectedReplicas(model.hidden_size, (group_compute.dtype,)))
         groups = [ExpertGroupDeployment.options(name=f"ExpertGroup{g}", **_group_options(eg, g, gpus)).bind(

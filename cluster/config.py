@@ -133,6 +133,9 @@ class ExpertGroupsConfig(_Strict):
     target_tokens_per_replica: float = Field(4096.0, gt=0)  # autoscaling: routed tokens/s one replica takes
     autoscaling: Autoscaling = Autoscaling()  # for the groups whose bounds have min < max
     failover_timeout: float = Field(30.0, gt=0)
+    # How long a starting shard waits for every group to have a replica: the groups' nodes may still be booting
+    # (an autoscaled cloud node, or an on-prem worker `ray up` starts after the head). It logs the wait.
+    startup_timeout: float = Field(900.0, gt=0)
     call_timeout: float = Field(10.0, gt=0)
     health_check: HealthCheck = GROUP_HEALTH_CHECK
 

@@ -61,6 +61,7 @@ from router_service.routing_table import TableSnapshot
 from router_service.transport import ReplicaFailure, ReplicaInfo, Transport
 
 logger = logging.getLogger(__name__)
+WAIT_LOG_S = 15.0  # how often a shard waiting for its groups says so
 
 
 class ExpertGroupUnavailable(RuntimeError):
@@ -105,7 +106,7 @@ class FailoverStats:
 
 class RemoteExperts:
     def __init__(self, transport: Transport, router: RouterClient, *, failover_timeout: float = 30.0,
-                 refresh_interval: float = 0.1, load_report_interval: float = 1.0, poll_interval: float = 0.02,
+                 startup_timeout: float | None = None, refresh_interval: float = 0.1, load_report_interval: float = 1.0, poll_interval: float = 0.02,
                  stats_sink: Callable[[LayerPathStats], None] | None = None, stats_interval: float = 1.0):
         self.transport, self.router = transport, router
         self.stats_sink, self.stats_interval = stats_sink, stats_interval
@@ -114,7 +115,7 @@ class RemoteExperts:
         self.failover_timeout, self.refresh_interval = failover_timeout, refresh_interval
         self.load_report_interval, self.poll_interval = load_report_interval, poll_interval
         self._wait_round_s = poll_interval * 50  # one `_wait_for_change`
-        self.table = self._wait_for_table(None)
+        self.table = self._wait_for_table(failover_timeout if startup_timeout is None else startup_timeout)
         self._copy_table: tuple = (-1, None, None)  # (placement version, copies [L, E, C], num_copies [L, E])
         self.outstanding: dict[str, int] = {}
         self.sent: dict[str, int] = {}
@@ -296,16 +297,20 @@ class RemoteExperts:
             time.sleep(self.poll_interval)
             self._refresh()
 
-    def _wait_for_table(self, known: int | None) -> TableSnapshot:
-        deadline = time.monotonic() + self.failover_timeout
+    def _wait_for_table(self, timeout: float) -> TableSnapshot:
+        start = time.monotonic()
+        next_log = start + WAIT_LOG_S
         while True:
-            table = self.router.get_table(-1 if known is None else known)
+            table = self.router.get_table(-1)
             if table is not None and not table.missing_groups:
                 return table
-            if time.monotonic() > deadline:
-                missing = table.missing_groups if table is not None else "all"
-                raise ExpertGroupUnavailable(f"expert groups {missing} did not register within "
-                                             f"{self.failover_timeout:.0f} s")
+            missing = table.missing_groups if table is not None else "all"
+            waited = time.monotonic() - start
+            if waited > timeout:
+                raise ExpertGroupUnavailable(f"expert groups {missing} did not register within {timeout:g} s")
+            if time.monotonic() >= next_log:  # a node for them may be booting: say what is awaited
+                logger.warning("waiting for expert groups %s to register (%.0f s of %.0f s)", missing, waited, timeout)
+                next_log += WAIT_LOG_S
             time.sleep(self.poll_interval)
 
     def flush_load(self) -> None:

@@ -360,3 +360,24 @@ def test_the_engine_marks_every_step_and_a_new_table_is_taken_only_at_its_start(
     assert backend.table.version == version  # not mid-step
     type(backend).begin_step(backend)
     assert backend.table.version > version
+
+
+def test_a_new_shard_waits_past_the_failover_timeout_for_groups_still_starting(caplog, monkeypatch):
+    """Its groups' node may still be booting: the shard waits up to its startup timeout, saying what it awaits,
+    and then names the groups that never came."""
+    monkeypatch.setattr("router_service.remote_experts.WAIT_LOG_S", 0.1)
+    service = RouterService(make_placement(4, 2, 2, "linear", (1, 1)))
+    service.register(ReplicaInfo("g0-r0", 0))
+    client = RouterClient(service.get_table, service.report_failure, service.record_load)
+    threading.Timer(0.6, service.register, (ReplicaInfo("g1-r0", 1),)).start()  # group 1's node comes up late
+    with caplog.at_level("WARNING", logger="router_service.remote_experts"):
+        backend = RemoteExperts(LocalTransport({}), client, failover_timeout=0.1, startup_timeout=10.0,
+                                poll_interval=0.01)
+    assert sorted(backend.table.replicas) == [0, 1]
+    assert "waiting for expert groups [1] to register" in caplog.text
+
+    alone = RouterService(make_placement(4, 2, 2, "linear", (1, 1)))
+    alone.register(ReplicaInfo("g0-r0", 0))
+    with pytest.raises(ExpertGroupUnavailable, match=r"expert groups \[1\] did not register within 0.3 s"):
+        RemoteExperts(LocalTransport({}), RouterClient(alone.get_table, alone.report_failure, alone.record_load),
+                      failover_timeout=10.0, startup_timeout=0.3, poll_interval=0.01)
