@@ -5,7 +5,8 @@ the real autoscaler launches and stops "nodes" (each a raylet on this machine) a
   min_workers 0, so that every worker node is one the autoscaler started for Serve's demand.
 - The application: the tiny preset, asking for the roles' resources of the shipped Mixtral config
   (configs/mixtral-8x7b.yaml). Its replicas ask for no GPU (the CPU twin): the markers alone place the roles.
-- The cluster runs in a PID namespace of its own (as test_ray_up's SSH node), so that its teardown ends every
+- The autoscaler: Ray's v1 one, which cluster.yaml's head runs (RAY_enable_autoscaler_v2=0).
+- The cluster runs in a PID namespace of its own (as test_ray_up's SSH nodes), so that its teardown ends every
   process the autoscaler started.
 
 Asserted: deploying makes the autoscaler start one attention node and one expert node, and no other; the shard runs

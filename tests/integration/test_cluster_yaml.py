@@ -212,8 +212,10 @@ def test_on_prem_machines_reach_each_other_through_fixed_ports_and_the_machines_
     assert serve.host == "0.0.0.0" and yaml.safe_load(path.read_text())["http_options"]["host"] == "0.0.0.0"
 
 
-def test_on_prem_head_runs_the_autoscaler_that_starts_the_workers():
-    """`ray up` runs Ray's v2 autoscaler unless told otherwise, and that one counts the head among the local
-    provider's workers, so it starts none (test_ray_up.py shows the v1 one starting the worker)."""
-    head = next(cmd for cmd in read("cluster.local.yaml")["head_start_ray_commands"] if "ray start --head" in cmd)
-    assert "RAY_enable_autoscaler_v2=0" in head.split()[:head.split().index("ray")]
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_the_head_runs_the_autoscaler_the_tests_run(name):
+    """`ray up` runs Ray's v2 autoscaler unless told otherwise. That one counts the head among the local provider's
+    workers, so it starts none; the v1 one starts the on-prem worker (test_ray_up.py) and cluster.yaml's node
+    types for each role (test_autoscaler.py)."""
+    head = next(cmd for cmd in read(name)["head_start_ray_commands"] if "ray start --head" in cmd).split()
+    assert "RAY_enable_autoscaler_v2=0" in head[:head.index("ray")]
