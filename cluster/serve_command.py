@@ -16,7 +16,9 @@ serving or still deploying, and it exits with status 0 (a SIGTERM within `ray.in
 Ray's own handlers, which stop the Ray started so far and exit with status 1 or 15):
 1. drain: the application is deleted, so Serve routes no new request to it and lets each replica finish the
    requests it has (a stream runs to its end) for up to its `graceful_shutdown_timeout_s`, 20 s by default.
-   A second signal skips the rest of the drain; `DRAIN_TIMEOUT_S` bounds it if Serve does not answer.
+   A second signal skips the rest of the drain; `DRAIN_TIMEOUT_S` bounds it if Serve does not answer. A signal
+   sent to the whole process group or cgroup (systemd's stop) reaches the local Ray's own processes too: its GCS
+   stops answering at once, and the drain ends there (every Serve call would wait a minute for the GCS).
 2. stop what this command started: a local Ray is shut down with everything in it (Serve too); on a cluster
    at RAY_ADDRESS, Serve is shut down only when no other application is left on it.
 3. no process is left behind: any process started under this one (Ray's GCS, raylet, dashboard, its
@@ -127,7 +129,7 @@ def stop(is_local: bool) -> None:
     try:
         print("shutting down: requests in flight may finish (Ctrl-C again to stop at once) ...", flush=True)
         if ray.is_initialized():  # not when interrupted inside ray.init (Serve's calls would start Ray)
-            _drain(DRAIN_TIMEOUT_S, stop_idle_serve=not is_local)
+            _drain(DRAIN_TIMEOUT_S, stop_idle_serve=not is_local, ray_stopped=_gcs_stopped if is_local else None)
     except KeyboardInterrupt:
         print("stopping at once ...", flush=True)
     for stop_signal in (signal.SIGINT, signal.SIGTERM):  # nothing may cut the rest short
@@ -137,9 +139,23 @@ def stop(is_local: bool) -> None:
     _terminate(started, REAP_TIMEOUT_S)
 
 
-def _drain(timeout: float, stop_idle_serve: bool) -> None:
+def _gcs_stopped(timeout_s: float = 1.0) -> bool:
+    """Whether the GCS of the Ray this process runs on no longer answers. A signal sent to the whole process
+    group (or cgroup, as systemd sends it) reaches the Ray that `msem serve` started too: its GCS stops
+    answering at once, and every Serve call would then wait a minute for it before failing."""
+    import ray
+
+    try:
+        ray._private.worker.global_worker.gcs_client.internal_kv_get(b"msem", None, timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - Ray's RpcError: timed out waiting for the GCS
+        return True
+    return False
+
+
+def _drain(timeout: float, stop_idle_serve: bool, ray_stopped=None) -> None:
     """Delete the application and wait until Serve has stopped its replicas (at most `timeout` seconds); with
-    `stop_idle_serve`, then shut Serve down if no other application is left on it.
+    `stop_idle_serve`, then shut Serve down if no other application is left on it. `ray_stopped()`, checked
+    before each Serve call, ends the drain when the Ray under it has stopped (nothing is left to drain then).
 
     All on the main thread, so that a second signal interrupts it and no Ray call can outlive `ray.shutdown`
     (one would start a new Ray: Serve's client calls `ray.init` when Ray is not running).
@@ -148,26 +164,31 @@ def _drain(timeout: float, stop_idle_serve: bool) -> None:
 
     from cluster.app import APP_NAME
 
+    def applications() -> set[str]:
+        if ray_stopped is not None and ray_stopped():
+            raise RayStopped
+        return set(serve.status().applications)
+
     try:
-        if APP_NAME in _serve_applications():
+        if APP_NAME in applications():
             serve.delete(APP_NAME, _blocking=False)
             deadline = time.monotonic() + timeout
-            while APP_NAME in _serve_applications():
+            while APP_NAME in applications():
                 if time.monotonic() > deadline:
                     print(f"the application did not stop within {timeout:g} s; stopping it at once", flush=True)
                     return
                 time.sleep(0.2)
-        if stop_idle_serve and not _serve_applications():
+        if stop_idle_serve and not applications():
             serve.shutdown()
+    except RayStopped:
+        print("Ray has stopped too (the signal reached its processes): nothing is left to drain", flush=True)
     except Exception as error:  # noqa: BLE001 - stopping goes on; the user learns why it did not drain
         print(f"could not drain the application ({type(error).__name__}: {error}); stopping it at once",
               flush=True)
 
 
-def _serve_applications() -> set[str]:
-    from ray import serve
-
-    return set(serve.status().applications)
+class RayStopped(Exception):
+    """The Ray under the application stopped while it was being drained."""
 
 
 def _descendants() -> list:

@@ -14,7 +14,7 @@ arguments cut short, as OpenAI does. For "required" or a named function the outp
 version's format with each function's parameters schema (`grammar`), so even the random-weight tiny model emits
 a valid call.
 
-A stream (`CallStream`) sends each call as OpenAI does: its id and name once its arguments begin, then the
+A stream (`CallStream`) sends each call as OpenAI does: its id and name once the name is whole, then the
 arguments' JSON text as the model writes it. `scan` reads the text so far: the calls begun, each with the
 arguments written so far, up to where the text stops being a valid beginning of calls. The arguments are the
 model's own JSON text, in a stream and in a whole answer alike.
@@ -99,16 +99,16 @@ def finish_reason(reason: str | None, made_calls: bool) -> str | None:
 
 @dataclass(frozen=True)
 class PartialCall:
-    """A call begun in the tools channel: its name, its id if the model wrote one before the arguments, and its
-    arguments' JSON text so far."""
+    """A call begun in the tools channel: its name, its id if the model wrote one, and its arguments' JSON text
+    so far ("" before they begin)."""
     name: str
     call_id: str | None
     arguments: str
 
 
 def scan(tool_text: str) -> list[PartialCall]:
-    """The calls begun in the tools channel's text (those whose arguments have begun), read as far as the text is
-    a valid beginning of calls."""
+    """The calls begun in the tools channel's text (those whose name is whole), read as far as the text is a valid
+    beginning of calls."""
     return _read(tool_text)[0]
 
 
@@ -129,8 +129,8 @@ def _read(tool_text: str) -> tuple[list[PartialCall], bool]:
 
 
 class CallStream:
-    """One streamed choice's calls, sent as OpenAI streams them: a call's id, type and name when its arguments
-    begin (with empty arguments), then each new piece of its arguments."""
+    """One streamed choice's calls, sent as OpenAI streams them: a call's id, type and name once the name is
+    whole (with empty arguments), then each new piece of its arguments."""
 
     def __init__(self):
         self._ids: list[str] = []
@@ -214,7 +214,9 @@ class _Reader:
         calls.append(PartialCall(name.strip(), call_id.strip(), self.text[start:self.at]))
 
     def _call_object(self, calls: list[PartialCall]) -> None:
-        fields: dict[str, str] = {}
+        """One `{"name": ..., "arguments": {...}, "id": ...}`: the call begins once its name is whole (the name
+        comes first, as Mistral's models write calls), and takes its arguments as they are written."""
+        fields: dict[str, Any] = {}
         self._expect("{")
         self._space()
         if self._peek() == "}":
@@ -226,18 +228,23 @@ class _Reader:
             self._space()
             start = self.at
             if key == "arguments":
-                name = fields.get("name")
-                if not isinstance(name, str) or not name:
-                    raise _Stop  # the name comes first, as Mistral's models write calls
-                call_id = fields.get("id") if isinstance(fields.get("id"), str) else None
+                if "name" not in fields:
+                    raise _Stop
                 try:
                     self._value()
-                finally:  # also when the text stops inside the arguments: the call has begun
-                    fields["arguments"] = self.text[start:self.at].rstrip()
-                    calls.append(PartialCall(name, call_id, fields["arguments"]))
+                finally:  # also when the text stops inside the arguments
+                    calls[-1] = replace(calls[-1], arguments=self.text[start:self.at].rstrip())
+                fields[key] = True
             else:
                 self._value()
-                fields[key] = _decoded(self.text[start:self.at])
+                fields[key] = value = _decoded(self.text[start:self.at])
+                if key == "name":
+                    if not isinstance(value, str) or not value:
+                        raise _Stop
+                    calls.append(PartialCall(value, fields.get("id") if isinstance(fields.get("id"), str) else None,
+                                             ""))
+                elif key == "id" and "name" in fields and isinstance(value, str):  # after the name, as v3-v7 write it
+                    calls[-1] = replace(calls[-1], call_id=value)
             self._space()
             if self._take() == "}":
                 break
@@ -246,8 +253,6 @@ class _Reader:
             self._space()
         if "arguments" not in fields:
             raise _Stop
-        if isinstance(fields.get("id"), str):  # an id after the arguments, as v3 to v7 write it
-            calls[-1] = replace(calls[-1], call_id=fields["id"])
 
     def _value(self) -> None:
         """One JSON value, checked character by character."""

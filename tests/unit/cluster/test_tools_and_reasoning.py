@@ -159,6 +159,8 @@ def test_parse_reads_every_wire_format():
     assert tool_calls.split(cut, "", uses_tools=True) == (None, cut.removeprefix("[TOOL_CALLS]"))
     (call,), content = tool_calls.split(cut, "", uses_tools=True, cut=True)  # cut by max_tokens: the call begun
     assert call["function"] == {"name": "f", "arguments": '{"city": "Pa'} and content == ""
+    (call,), _ = tool_calls.split('[TOOL_CALLS] [{"name": "f", "argu', "", uses_tools=True, cut=True)
+    assert call["function"] == {"name": "f", "arguments": ""}  # cut before its arguments: named, nothing more
 
 
 def test_a_tokenizer_without_tool_tokens_refuses_tools():
