@@ -80,7 +80,8 @@ def parse(tool_text: str) -> list[dict[str, Any]] | None:
     return [_call(c.name, c.arguments, c.call_id) for c in calls]
 
 
-def split(tool_text: str, content: str, uses_tools: bool, cut: bool = False) -> tuple[list[dict[str, Any]] | None, str]:
+def split(tool_text: str, content: str, uses_tools: bool,
+          cut: bool = False) -> tuple[list[dict[str, Any]] | None, str]:
     """A finished choice's calls and the content beside them. Tool text that holds no calls, or any tool text
     when the request gave no tools, stays content; when the choice was `cut` short by its token limit, the calls
     it began are its calls."""

@@ -106,7 +106,8 @@ class FailoverStats:
 
 class RemoteExperts:
     def __init__(self, transport: Transport, router: RouterClient, *, failover_timeout: float = 30.0,
-                 startup_timeout: float | None = None, refresh_interval: float = 0.1, load_report_interval: float = 1.0, poll_interval: float = 0.02,
+                 startup_timeout: float | None = None, refresh_interval: float = 0.1,
+                 load_report_interval: float = 1.0, poll_interval: float = 0.02,
                  stats_sink: Callable[[LayerPathStats], None] | None = None, stats_interval: float = 1.0):
         self.transport, self.router = transport, router
         self.stats_sink, self.stats_interval = stats_sink, stats_interval
