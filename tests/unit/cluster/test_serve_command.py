@@ -12,9 +12,9 @@ import pytest
 
 class FakeRay:
     """Ray and Serve as `msem serve` calls them, recording the calls; `drains` is False for an application that
-    never finishes its requests."""
+    never finishes its requests, `gcs_up` False for a Ray the signal stopped too."""
 
-    def __init__(self, monkeypatch, drains: bool = True, other_apps: tuple[str, ...] = ()):
+    def __init__(self, monkeypatch, drains: bool = True, other_apps: tuple[str, ...] = (), gcs_up: bool = True):
         import ray
         from ray import serve
 
@@ -32,6 +32,7 @@ class FakeRay:
         monkeypatch.setattr(cluster.app, "deploy", lambda config, serve_file: self.calls.append("deploy"))
         monkeypatch.setattr(command, "wait_until_healthy", lambda base, timeout: None)
         monkeypatch.setattr(command, "_descendants", lambda: [])  # never this test run's own processes
+        monkeypatch.setattr(command, "_gcs_stopped", lambda: not gcs_up)
 
     def _delete(self, name: str, _blocking: bool = True) -> None:
         self.calls.append(f"delete {name}")
@@ -85,6 +86,18 @@ def test_a_second_signal_skips_the_drain(monkeypatch, capsys, restore_signals):
     assert main(["serve", "--model", "tiny"]) == 0
     assert ray.calls == ["deploy", "delete msem", "ray.shutdown"]
     assert "stopping at once" in capsys.readouterr().out
+
+
+def test_a_signal_that_stopped_ray_too_skips_the_drain(monkeypatch, capsys, restore_signals):
+    """A signal sent to the whole process group (systemd's stop) stops the local Ray as well: Serve is not
+    called then, since each call would wait a minute for the GCS."""
+    from cluster.cli import main
+
+    ray = FakeRay(monkeypatch, gcs_up=False)
+    _on_sleep(monkeypatch, lambda seconds: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(["serve", "--model", "tiny"]) == 0
+    assert ray.calls == ["deploy", "ray.shutdown"]
+    assert "nothing is left to drain" in capsys.readouterr().out
 
 
 def test_a_failed_start_stops_what_it_started(monkeypatch, capsys, restore_signals):
