@@ -19,8 +19,8 @@ raises, so the supervisor (Serve, or Ray for an actor) replaces it, and later re
 import asyncio
 import dataclasses
 import logging
+import math
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -160,19 +160,13 @@ class AttentionShard:
                      resume: Resume | None = None, every_step: bool = True,
                      interval_s: float = 0.0) -> AsyncIterator[RequestOutput]:
         """The request's deltas. Each one crosses to the caller as a message of its own (a Serve streaming
-        item), so they are coalesced: the first token goes at once (the time to first token), the last with the
-        end, and between them the deltas of `interval_s` go merged as one message (as vLLM's `stream_interval`
-        and Ray Serve LLM's stream batching); without `every_step` (the caller reads the request whole) the rest
-        follow merged into one at the end."""
-        held, tokens_sent, sent_at = None, False, 0.0  # deltas merged since the last message; a token went; when
-        async for delta in self.llm.add_request(prompt_token_ids, params, request_id, resume=resume):
-            delta = dataclasses.replace(delta, prompt_token_ids=[])  # the caller has them
-            held = merge(held, delta) if held is not None else delta
-            now = time.monotonic()
-            if delta.finished or not tokens_sent or (every_step and now - sent_at >= interval_s):
-                yield held
-                tokens_sent = tokens_sent or any(o.token_ids for o in held.outputs)
-                held, sent_at = None, now
+        item), so the engine coalesces them (`AsyncLLM.add_request`'s `stream_interval_s`): the first token goes
+        at once (the time to first token), the last with the end, and between them the deltas of `interval_s` go
+        merged as one message (as vLLM's `stream_interval` and Ray Serve LLM's stream batching); without
+        `every_step` (the caller reads the request whole) the rest follow merged into one at the end."""
+        async for delta in self.llm.add_request(prompt_token_ids, params, request_id, resume=resume,
+                                                stream_interval_s=interval_s if every_step else math.inf):
+            yield dataclasses.replace(delta, prompt_token_ids=[])  # the caller has them
 
     async def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
         """Complete every prompt; outputs in input order."""

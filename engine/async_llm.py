@@ -10,6 +10,12 @@ to each request's event loop with `call_soon_threadsafe`. Requests are validated
 (`LLMEngine.validate` is pure), so a bad request raises at once, before any stream starts — a server can answer
 400 instead of opening an SSE stream that fails.
 
+A request may ask for its deltas coalesced (`stream_interval_s`, as vLLM's `stream_interval`): the engine
+thread then holds a request's deltas back and hands them over merged, the first token at once (the time to
+first token), then at most one delta per interval, and the last with the end. Each hand-over wakes the reader's
+event loop, so a server that sends each delta on as a message of its own (an attention shard) saves the
+wake-ups as well as the messages; the deltas of one step go to each event loop in one call.
+
 Memory stays bounded whatever the reader does: a stream holds at most one pending delta, and a delta that
 arrives while the previous one is unread is merged into it (`merge`), so a slow reader gets fewer, larger
 deltas rather than a growing queue. A reader that stops early (a client that disconnects) aborts its request,
@@ -19,8 +25,10 @@ which frees its KV blocks.
 import asyncio
 import itertools
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 
 from engine.errors import EngineDeadError, InvalidRequestError
@@ -35,7 +43,7 @@ logger = logging.getLogger(__name__)
 class RequestStream:
     """The deltas of one request, in order; async-iterable once. Created by `AsyncLLM.add_request`."""
 
-    def __init__(self, request_id: str, owner: "AsyncLLM"):
+    def __init__(self, request_id: str, owner: "AsyncLLM", interval_s: float = 0.0):
         self.request_id = request_id
         self.finished = False
         self._owner = owner
@@ -43,6 +51,23 @@ class RequestStream:
         self._pending: RequestOutput | None = None
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
+        # the engine thread's side: the deltas held back, when the last went, and whether a token went
+        self._interval_s = interval_s
+        self._held: RequestOutput | None = None
+        self._handed_at = -math.inf
+        self._token_handed = False
+
+    # called on the engine thread
+    def _due(self, delta: RequestOutput) -> RequestOutput | None:
+        """Hold `delta` back with those held; the merged deltas once they are due to the reader, else None."""
+        held = merge(self._held, delta) if self._held is not None else delta
+        now = time.monotonic()
+        if not (delta.finished or not self._token_handed or now - self._handed_at >= self._interval_s):
+            self._held = held
+            return None
+        self._held, self._handed_at = None, now
+        self._token_handed = self._token_handed or any(o.token_ids for o in held.outputs)
+        return held
 
     # called on the stream's event loop (scheduled there by the engine thread)
     def _put(self, delta: RequestOutput) -> None:
@@ -108,10 +133,12 @@ class AsyncLLM:
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, *, messages: Sequence[dict] | None = None,
-                    resume: Resume | None = None) -> RequestStream:
+                    resume: Resume | None = None, stream_interval_s: float = 0.0) -> RequestStream:
         """Validate and queue one request (text, token ids, or chat `messages`); raises on bad input.
 
-        `resume` continues a request begun on another shard (see `LLMEngine.add_request`)."""
+        `resume` continues a request begun on another shard (see `LLMEngine.add_request`). With
+        `stream_interval_s`, its deltas come coalesced (module docstring; `math.inf`: the first token, then the
+        rest in one)."""
         params = sampling_params or SamplingParams()
         if messages is not None:
             text, ids = None, self.tokenizer.encode_chat(list(messages))
@@ -119,7 +146,7 @@ class AsyncLLM:
             text, ids = self.llm._encode(prompt)
         self.llm.engine.validate(ids, params, resume)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        stream = RequestStream(request_id, self)
+        stream = RequestStream(request_id, self, stream_interval_s)
         with self._lock:
             if self.dead is not None:
                 raise EngineDeadError(f"the engine stopped: {self.dead!r}") from self.dead
@@ -184,8 +211,7 @@ class AsyncLLM:
             while True:
                 if not self._drain(block=not engine.has_unfinished_requests()):
                     raise EngineDeadError("the engine was shut down")
-                for delta in engine.step():
-                    self._deliver(delta)
+                self._deliver(engine.step())
         except BaseException as error:  # noqa: BLE001 - every failure must reach the waiting requests
             if not isinstance(error, EngineDeadError):
                 logger.exception("engine loop failed")
@@ -214,13 +240,18 @@ class AsyncLLM:
                     except InvalidRequestError as error:  # fails this request only
                         self._fail(request_id, error)
 
-    def _deliver(self, delta: RequestOutput) -> None:
+    def _deliver(self, deltas: list[RequestOutput]) -> None:
+        """Hand one step's deltas that are due to their streams: one call into each event loop."""
+        due: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
         with self._lock:
-            stream = self._streams.get(delta.request_id)
-            if stream is not None and delta.finished:
-                del self._streams[delta.request_id]
-        if stream is not None:
-            stream._loop.call_soon_threadsafe(stream._put, delta)
+            for delta in deltas:
+                stream = self._streams.get(delta.request_id)
+                if stream is not None and delta.finished:
+                    del self._streams[delta.request_id]
+                if stream is not None and (merged := stream._due(delta)) is not None:
+                    due.setdefault(stream._loop, []).append((stream, merged))
+        for loop, handed in due.items():
+            loop.call_soon_threadsafe(_put_each, handed)
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         with self._lock:
@@ -238,3 +269,8 @@ class AsyncLLM:
                 stream._loop.call_soon_threadsafe(stream._fail, dead)
             except RuntimeError:  # that event loop is already closed
                 pass
+
+
+def _put_each(handed: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, delta in handed:
+        stream._put(delta)

@@ -27,9 +27,10 @@ class FakeEngine:
             yield RequestOutput(request_id, None, list(ids), [CompletionOutput(0, str(token), [token],
                                 finish_reason="length" if finished else None)], None, finished=finished)
 
-    def add_request(self, ids, params, request_id, resume=None):
+    def add_request(self, ids, params, request_id, resume=None, stream_interval_s=0.0):
         if self.dead is not None:
             raise self.dead
+        self.stream_interval_s = stream_interval_s
         return self._deltas(ids, request_id)
 
     def stats(self) -> EngineStats:
@@ -58,14 +59,13 @@ def test_the_shard_builds_the_engine_it_is_given_with_the_compute_it_is_told():
         assert [o.outputs[0].token_ids for o in outs] == [[3, 4], [7]]
         deltas = [d async for d in shard.stream([5, 6], SamplingParams(), "r1")]
         assert [d.outputs[0].token_ids for d in deltas] == [[5], [6]] and deltas[0].prompt_token_ids == []
-        whole = [d async for d in shard.stream([5, 6, 7, 8], SamplingParams(), "r2", every_step=False)]
-        assert [d.outputs[0].token_ids for d in whole] == [[5], [6, 7, 8]]  # the first token, then the rest merged
-        assert [d.outputs[0].text for d in whole] == ["5", "678"] and whole[-1].finished
-        assert [len(d.outputs[0].token_ids) for d in [d async for d in shard.stream([9], SamplingParams(), "r3",
-                                                                                       every_step=False)]] == [1]
-        # coalesced: the first token at once, then what arrived within the interval, merged, and the end
-        coalesced = [d async for d in shard.stream([5, 6, 7, 8], SamplingParams(), "r4", interval_s=60.0)]
-        assert [d.outputs[0].token_ids for d in coalesced] == [[5], [6, 7, 8]] and coalesced[-1].finished
+        assert engine.stream_interval_s == 0.0
+        # the engine coalesces (tests/unit/engine/test_async_llm.py): over the interval, or all after the first
+        # token when the caller reads the request whole
+        [d async for d in shard.stream([5, 6], SamplingParams(), "r2", interval_s=0.1)]
+        assert engine.stream_interval_s == 0.1
+        [d async for d in shard.stream([5, 6], SamplingParams(), "r3", every_step=False, interval_s=0.1)]
+        assert engine.stream_interval_s == float("inf")
         assert shard.healthy()
         engine.dead = RuntimeError("boom")
         assert not shard.healthy()

@@ -57,6 +57,24 @@ def test_a_slow_reader_gets_merged_deltas(async_llm):
     assert deltas == 1
 
 
+@pytest.mark.parametrize("interval_s, sizes", [
+    (0.0, [1] * GREEDY.max_tokens),  # a delta per step
+    (60.0, [1, GREEDY.max_tokens - 1]),  # the first token at once, then the rest with the end
+    (float("inf"), [1, GREEDY.max_tokens - 1]),
+], ids=["each-step", "interval", "whole"])
+def test_a_coalesced_stream_gets_the_first_token_at_once_then_merged_deltas(async_llm, interval_s, sizes):
+    async def main():
+        plain = await collect(async_llm.generate([5, 17, 300], GREEDY))
+        deltas = [d async for d in async_llm.add_request([5, 17, 300], GREEDY, stream_interval_s=interval_s)]
+        return plain, deltas
+
+    (tokens, text, _), deltas = asyncio.run(main())
+    assert [len(d.outputs[0].token_ids) for d in deltas] == sizes
+    assert sum((d.outputs[0].token_ids for d in deltas), []) == tokens  # the same output, merged
+    assert "".join(d.outputs[0].text for d in deltas) == text
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+
+
 def test_abort_mid_stream_frees_kv(async_llm):
     async def main():
         before = free_blocks(async_llm)
