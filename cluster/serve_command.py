@@ -83,6 +83,8 @@ def run_serve(args) -> int:
     address = os.environ.get("RAY_ADDRESS")
     print(f"starting Ray {'at ' + address if address else 'locally'} ...", flush=True)
     keep_running = False
+    # Ctrl-C's path even where SIGINT came ignored (a background job of a script), as uvicorn does
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         context = ray.init(address=address, namespace="msem", log_to_driver=False) if address else \
             init_local_ray(log_to_driver=False, num_cpus=max(4, os.cpu_count() or 1))
@@ -245,7 +247,7 @@ def ray_access(dashboard_url: str | None) -> str:
 
 
 def _interrupt(signum, frame) -> None:
-    """SIGTERM (and a second signal while draining) takes the Ctrl-C path."""
+    """SIGINT, SIGTERM and a second signal while draining: the Ctrl-C path."""
     raise KeyboardInterrupt
 
 

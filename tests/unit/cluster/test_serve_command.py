@@ -67,6 +67,18 @@ def test_a_signal_while_serving_drains_then_stops_ray(monkeypatch, capsys, resto
     assert "ready" in out and "shutting down" in out and "stopping at once" not in out
 
 
+def test_ctrl_c_stops_it_even_when_sigint_came_ignored(monkeypatch, capsys, restore_signals):
+    """A background job of a script starts with SIGINT ignored; `kill -INT` still stops it, as it does uvicorn."""
+    from cluster.cli import main
+
+    ray = FakeRay(monkeypatch)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _on_sleep(monkeypatch, lambda seconds: os.kill(os.getpid(), signal.SIGINT))
+    assert main(["serve", "--model", "tiny"]) == 0
+    assert ray.calls == ["deploy", "delete msem", "ray.shutdown"]
+    assert "shutting down" in capsys.readouterr().out
+
+
 def test_a_signal_while_deploying_stops_too(monkeypatch, capsys, restore_signals):
     import cluster.app
     from cluster.cli import main
