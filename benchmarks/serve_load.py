@@ -37,8 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx2 as httpx  # noqa: E402
-import torch  # noqa: E402  (the openai client's HTTP library)
+import httpx2 as httpx  # noqa: E402  (the openai client's HTTP library)
+import torch  # noqa: E402
 
 from cluster.app import deploy, init_local_ray  # noqa: E402
 from cluster.config import ServeConfig  # noqa: E402
