@@ -30,8 +30,8 @@ from actors.checkpoints import local_checkpoint
 from actors.compute import Compute
 from actors.handles import call, send
 from actors.metrics import EngineMetrics, ExpertMetrics, publish_every
-from engine.llm import merge
-from engine.llm_engine import Resume
+from engine.outputs import merge
+from engine.admission import Resume
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from mistral.checkpoint import CheckpointReader

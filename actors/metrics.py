@@ -40,11 +40,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from engine.outputs import EngineStats, RequestOutput
-from router_service.remote_experts import LayerPathStats
+
+if TYPE_CHECKING:  # the layer path (and torch) is the shards' alone: the edge and control roles import this too
+    from router_service.remote_experts import LayerPathStats
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +318,7 @@ class ExpertMetrics:
     def __init__(self):
         self.series = _expert_series()
 
-    def __call__(self, stats: LayerPathStats) -> None:
+    def __call__(self, stats: "LayerPathStats") -> None:
         s = self.series
         for replica, routed in stats.routed.items():  # [L, E] token slots
             group = str(stats.replica_groups[replica])

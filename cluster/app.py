@@ -6,9 +6,10 @@ deploys its `LLMServer`).
        │               │                                                   │ register, heartbeat
        └───────────────┴─────────────────► Router ◄───────────────────────┘
 
-- **Ingress** (here): the HTTP (OpenAI-compatible, through Serve's proxy) and gRPC (its own server) edge over
-  one `Frontend`: validation, admission limits, and resuming a request on another shard when its shard dies.
-  Two replicas by default, so that new requests go through a live one at once when one dies.
+- **Ingress** (`cluster.ingress`): the HTTP (OpenAI-compatible, through Serve's proxy) and gRPC (its own
+  server) edge over one `Frontend`: validation, admission limits, and resuming a request on another shard when
+  its shard dies. Two replicas by default, so that new requests go through a live one at once when one dies.
+  It loads no torch.
 - **AttentionShard** (`actors.attention_shard`): an `AsyncLLM` whose MoE layers call `RemoteExperts`.
 - **ExpertGroup{g}** (`actors.expert_group_server`): one deployment per group, each with its own replica
   bounds, so a hot group scales without touching the others (autoscaled on routed tokens/s by
@@ -22,21 +23,13 @@ are the control plane; the per-layer hop goes straight to the replicas (a Serve 
 ~10 ms). It binds loopback when the config's `host` is loopback, and each node's address otherwise.
 """
 
-import asyncio
-import contextlib
-import dataclasses
 import json
 import logging
 import os
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import ray
 from ray import serve
-from ray.serve import context as serve_context
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import BackPressureError
 
 from actors.attention_shard import AttentionShard, ExpertLink
 from actors.compute import compute_for
@@ -47,15 +40,11 @@ from cluster import capacity
 from cluster.autoscaling import RoutedTokensPolicy
 from cluster.config import (Autoscaling, ExpertGroupsConfig, HealthCheck, Replicas, RoutingConfig, ServeConfig,
                             parse_config)
-from cluster.errors import OverloadedError, ShardLost
-from cluster.frontend import Frontend, ShardRequest
+from cluster.ingress import Ingress
 from cluster.kv_routing import KVAwareRouter
 from engine.async_llm import AsyncLLM
 from engine.config import EngineConfig
 from engine.kv_cache_manager import max_blocks_per_sequence
-from engine.errors import EngineDeadError
-from engine.outputs import RequestOutput
-from engine.tokenizer import Tokenizer
 from experts import eplb
 from experts.parallel_config import LAYER_PATH_ENV
 from experts.placement import Placement, PlacementError, make_placement
@@ -67,7 +56,6 @@ from router_service.service import ExpectedReplicas
 logger = logging.getLogger(__name__)
 APP_NAME = "msem"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-RETRY_AFTER_S = 1
 BLOCK_SIZE = EngineConfig.block_size  # the shards' KV block size (the engine's default)
 # Ray Serve's throughput-optimized mode, as Ray documents it: a replica runs its user code on its own event loop
 # (no hand-off to a thread of its own), handles and the proxy call replicas over gRPC, and the garbage collector is
@@ -210,7 +198,7 @@ def build_app(config: ServeConfig) -> serve.Application:
     ).bind(AsyncLLM, engine_kwargs, compute_for(config.dtype, shard_gpus), router, link,
            model_name=config.model_name, memory_store=store,
            memory_timeout_s=memory.store.timeout_s if store is not None else 2.0)
-    return Ingress.options(num_replicas=config.ingress_replicas, max_ongoing_requests=config.limits.max_requests + 64,
+    return IngressDeployment.options(num_replicas=config.ingress_replicas, max_ongoing_requests=config.limits.max_requests + 64,
                            ray_actor_options=_control(config) | {"runtime_env": {"env_vars": SERVE_ENV}},
                            ).bind(config, shard, router, groups, store)
 
@@ -352,87 +340,4 @@ AttentionShardDeployment = serve.deployment(AttentionShard, name="AttentionShard
                                             graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
 MemoryStoreDeployment = serve.deployment(MemoryStore, name="MemoryStore", num_replicas=1,
                                          graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
-
-
-@contextlib.contextmanager
-def _own_serve_request_id():
-    """A handle call made here gets an internal request id of its own. Serve gives a handle call made while
-    serving a request that request's internal id, and its router keeps pending calls by that id: sibling calls
-    in flight at once (a batch's prompts, self-verification's candidates, a request's resumed samples) would
-    collide there, and all but one wait on its backoff instead of being routed."""
-    context = serve_context._get_serve_request_context()
-    token = serve_context._serve_request_context.set(
-        dataclasses.replace(context, _internal_request_id=uuid.uuid4().hex))
-    try:
-        yield
-    finally:
-        serve_context._serve_request_context.reset(token)
-
-
-class ServeShards:
-    """`Shards` over the AttentionShard deployment: Serve picks a replica per request."""
-
-    def __init__(self, handle):
-        self.handle = handle.options(stream=True)
-        self.health_handle = handle
-
-    async def stream(self, request: ShardRequest) -> AsyncIterator[RequestOutput]:
-        with _own_serve_request_id():
-            response = self.handle.stream.remote(request.prompt_token_ids, request.params, request.request_id,
-                                                  request.resume, request.every_step, request.stream_interval_s)
-        try:
-            async for delta in response:
-                yield delta
-        except (RayActorError, ActorUnavailableError, EngineDeadError) as error:
-            raise ShardLost(str(error)) from error
-        except BackPressureError as error:  # every shard's queue is full: refuse, like our own limits
-            raise OverloadedError(f"the attention shards are at capacity; retry in {RETRY_AFTER_S} s",
-                                  RETRY_AFTER_S) from error
-        finally:
-            response.cancel()  # a reader that stopped early aborts the request on its shard
-
-    async def healthy(self) -> bool:
-        """Whether a shard's engine works; raises when none can be reached (the frontend bounds the wait)."""
-        response = self.health_handle.healthy.remote()
-        try:
-            return await response
-        except asyncio.CancelledError:  # the health check's deadline passed: do not leave the call queued
-            response.cancel()
-            raise
-
-
-@serve.deployment(graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)
-@serve.ingress()
-class Ingress:
-    async def __init__(self, config: ServeConfig, shard, router, groups: list, memory_store=None):
-        model_dir = resolve_model(config.model)
-        model = ModelConfig.from_dir(model_dir)
-        self.config, self.router = config, router
-        self.frontend = Frontend(config.model_name, Tokenizer.load(model_dir, config.tokenizer),
-                                 config.max_model_len or model.max_position_embeddings, model.vocab_size,
-                                 ServeShards(shard), config.limits, self._experts if router is not None else None,
-                                 self._rebalance if router is not None else None,
-                                 expert_health=self._missing_groups if router is not None else None,
-                                 memory_info=memory_store.describe.remote if memory_store is not None else None,
-                                 stream_interval_s=config.stream_interval_s)
-        self.grpc_server = None
-        if config.grpc_port is not None:
-            from cluster.grpc_api import start_grpc_server
-
-            self.grpc_server, _ = await start_grpc_server(self.frontend, config.host, config.grpc_port,
-                                                          api_keys=config.api_keys)
-
-    async def _experts(self) -> dict:
-        return await self.router.describe.remote()
-
-    async def _rebalance(self) -> dict:
-        return await self.router.rebalance.remote()
-
-    async def _missing_groups(self) -> list[int]:
-        return await self.router.missing_groups.remote()
-
-    def __serve_build_asgi_app__(self):
-        from cluster.http_api import build_http_app
-
-        return build_http_app(self.frontend, api_keys=self.config.api_keys,
-                              max_body_bytes=self.config.limits.max_body_bytes, cors_origins=self.config.cors_origins)
+IngressDeployment = serve.deployment(Ingress, name="Ingress", graceful_shutdown_wait_loop_s=SHUTDOWN_POLL_S)

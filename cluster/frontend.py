@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cluster import tool_calls
 from cluster.api_request import ChatRequest, CompletionRequest
@@ -40,13 +40,15 @@ from cluster.config import Limits
 from cluster.errors import (OverloadedError, ShardLost, UnavailableError, UnknownModelError, as_unavailable,
                             first_line)
 from actors.metrics import ServingMetrics
-from engine.async_llm import AsyncLLM
 from engine.errors import InvalidRequestError
-from engine.llm_engine import Resume, check_request
+from engine.admission import Resume, check_request
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.structured_output import GrammarCompiler
 from engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the Ingress replicas, which import this, need no engine (nor torch)
+    from engine.async_llm import AsyncLLM
 
 logger = logging.getLogger(__name__)
 RESUME_BACKOFF_S = 0.1  # first wait before resubmitting; doubles per loss, at most 2 s
@@ -80,7 +82,7 @@ class Shards(Protocol):
 class LocalShards:
     """One in-process `AsyncLLM` as the only shard (tests, `msem serve` without Ray)."""
 
-    def __init__(self, llm: AsyncLLM):
+    def __init__(self, llm: "AsyncLLM"):
         self.llm = llm
 
     async def stream(self, request: ShardRequest) -> AsyncIterator[RequestOutput]:

@@ -67,7 +67,7 @@ from cluster.frontend import Frontend
 from cluster.openai_api import ResponseBuilder
 from cluster.self_verification import verify
 from engine.errors import InvalidRequestError
-from engine.llm import merge
+from engine.outputs import merge
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from cluster.api_request import ChatRequest, CompletionRequest
 from cluster.frontend import Frontend, usage
-from engine.llm import merge
+from engine.outputs import merge
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 

@@ -32,9 +32,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from engine.errors import EngineDeadError, InvalidRequestError
-from engine.llm import LLM, Prompt, merge
-from engine.llm_engine import Resume
-from engine.outputs import EngineStats, RequestOutput
+from engine.llm import LLM, Prompt
+from engine.admission import Resume
+from engine.outputs import EngineStats, RequestOutput, merge
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, merge
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from experts.parallel_config import ExpertParallelConfig
@@ -165,27 +165,3 @@ class LLM:
             for delta in self.engine.step():
                 results[delta.request_id] = merge(results.get(delta.request_id), delta)
         return [results[i] for i in ids]
-
-
-def merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
-    """Fold a delta into the accumulated output of the same request."""
-    if acc is None:
-        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [], None,
-                            num_cached_tokens=delta.num_cached_tokens)
-    by_index = {c.index: c for c in acc.outputs}
-    for c in delta.outputs:
-        if c.index not in by_index:
-            by_index[c.index] = type(c)(c.index, "", [], logprobs=[] if c.logprobs is not None else None)
-        a = by_index[c.index]
-        a.text += c.text
-        a.reasoning += c.reasoning
-        a.tool_text += c.tool_text
-        a.num_reasoning_tokens += c.num_reasoning_tokens
-        a.token_ids += c.token_ids
-        if c.logprobs is not None:
-            a.logprobs += c.logprobs
-        a.cumulative_logprob, a.finish_reason, a.stop_reason = c.cumulative_logprob, c.finish_reason, c.stop_reason
-    acc.outputs = [by_index[i] for i in sorted(by_index)]
-    acc.prompt_logprobs = delta.prompt_logprobs or acc.prompt_logprobs
-    acc.finished = delta.finished
-    return acc

@@ -67,3 +67,27 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     kv_tiers: dict | None = None  # host RAM and memory-store figures (`KVTiers.stats`), when configured
+
+
+def merge(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a delta into the accumulated output of the same request."""
+    if acc is None:
+        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [], None,
+                            num_cached_tokens=delta.num_cached_tokens)
+    by_index = {c.index: c for c in acc.outputs}
+    for c in delta.outputs:
+        if c.index not in by_index:
+            by_index[c.index] = type(c)(c.index, "", [], logprobs=[] if c.logprobs is not None else None)
+        a = by_index[c.index]
+        a.text += c.text
+        a.reasoning += c.reasoning
+        a.tool_text += c.tool_text
+        a.num_reasoning_tokens += c.num_reasoning_tokens
+        a.token_ids += c.token_ids
+        if c.logprobs is not None:
+            a.logprobs += c.logprobs
+        a.cumulative_logprob, a.finish_reason, a.stop_reason = c.cumulative_logprob, c.finish_reason, c.stop_reason
+    acc.outputs = [by_index[i] for i in sorted(by_index)]
+    acc.prompt_logprobs = delta.prompt_logprobs or acc.prompt_logprobs
+    acc.finished = delta.finished
+    return acc

@@ -201,7 +201,7 @@ def apply_bans(logits: torch.Tensor, requests: Sequence[SamplingState], masks: F
     allowed = torch.ones(logits.shape, dtype=torch.bool)  # [B, V], on the CPU where the grammars write
     if grammars:
         rows = masks.result() if masks is not None else allowed_tokens([g for _, g in grammars], logits.shape[1])
-        allowed[[i for i, _ in grammars]] = rows
+        allowed[[i for i, _ in grammars]] = torch.from_numpy(rows)
     by_grammar = allowed.clone() if grammars and banned else allowed
     for i, ids in banned:
         allowed[i, ids] = False

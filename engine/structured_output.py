@@ -38,7 +38,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import llguidance
 import llguidance.numpy  # not llguidance.torch: importing that compiles kernels for seconds
 import numpy as np
-import torch
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
 from engine.errors import InvalidRequestError
@@ -154,8 +153,9 @@ def prefetch_allowed(grammars: Sequence[Grammar], vocab_size: int) -> Future:
     return _masker.submit(allowed_tokens, list(grammars), vocab_size)
 
 
-def allowed_tokens(grammars: Sequence[Grammar], vocab_size: int) -> torch.Tensor:
-    """[R, V] bool: the tokens each grammar allows next (the end of sequence alone for one in error)."""
+def allowed_tokens(grammars: Sequence[Grammar], vocab_size: int) -> np.ndarray:
+    """[R, V] bool: the tokens each grammar allows next (the end of sequence alone for one in error). NumPy,
+    not torch: the edges import this module to check constraints, and they load no torch."""
     bitmask = llguidance.numpy.allocate_token_bitmask(len(grammars), vocab_size)  # [R, ceil(V / 32)] int32
     if len(grammars) >= _PARALLEL_ROWS and _executor is not None:
         llguidance.numpy.fill_next_token_bitmask_par(_executor, [(g._matcher, i) for i, g in enumerate(grammars)],
@@ -163,9 +163,9 @@ def allowed_tokens(grammars: Sequence[Grammar], vocab_size: int) -> torch.Tensor
     else:
         for i, grammar in enumerate(grammars):
             llguidance.numpy.fill_next_token_bitmask(grammar._matcher, bitmask, i)
-    allowed = torch.from_numpy(np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size])
-    allowed = allowed.bool()  # [R, V]; bit j of word w is token 32 w + j
-    stuck = ~allowed.any(dim=1)  # [R]
+    allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+    allowed = allowed.astype(bool)  # [R, V]; bit j of word w is token 32 w + j
+    stuck = ~allowed.any(axis=1)  # [R]
     for i, grammar in enumerate(grammars):
         if grammar.phase == "thinking":
             allowed[i] = True

@@ -33,10 +33,8 @@ from types import MappingProxyType
 
 from tqdm import tqdm
 
-from mistral.checkpoint import save_checkpoint
 from mistral.config import ModelConfig
 from mistral.errors import ModelNotFoundError
-from mistral.weights import random_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +218,10 @@ def _write_atomically(preset: Preset, final: Path, fmt: str, max_shard_bytes: in
 
 
 def _write(preset: Preset, out: Path, fmt: str, max_shard_bytes: int | None, progress: bool | None) -> None:
+    # torch only here: resolving a preset already on disk (what the Ingress replicas do) loads none
+    from mistral.checkpoint import save_checkpoint
+    from mistral.weights import random_tensors
+
     if progress is None:
         progress = preset.config.num_params() >= _PROGRESS_MIN_PARAMS
     with tqdm(total=3, desc=f"materialising preset {preset.name}", unit="step", disable=not progress) as bar:

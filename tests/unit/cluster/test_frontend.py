@@ -11,7 +11,7 @@ from cluster.config import Limits
 from cluster.errors import OverloadedError, ShardLost, UnavailableError, as_unavailable
 from cluster.frontend import Frontend, LocalShards
 from engine.errors import EngineDeadError, InvalidRequestError
-from engine.llm import merge
+from engine.outputs import merge
 from engine.sampling_params import SamplingParams
 from tests.unit.cluster.conftest import make_frontend
 

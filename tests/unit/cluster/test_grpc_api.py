@@ -20,7 +20,7 @@ from cluster.config import Limits
 from cluster.frontend import Frontend, LocalShards
 from cluster.grpc_api import SERVICE_NAME
 from engine.errors import EngineDeadError
-from engine.llm import merge
+from engine.outputs import merge
 from engine.sampling_params import SamplingParams
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc

@@ -3,7 +3,7 @@
 import pytest
 
 from engine.errors import InvalidRequestError
-from engine.llm_engine import Resume
+from engine.admission import Resume
 from engine.sampling_params import SamplingParams
 from tests.conftest import small_llm
 

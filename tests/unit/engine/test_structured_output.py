@@ -10,7 +10,7 @@ import pytest
 
 from engine import LLM
 from engine.errors import InvalidRequestError
-from engine.llm_engine import Resume
+from engine.admission import Resume
 from engine.sampling_params import SamplingParams, StructuredOutputs
 
 SCHEMA = {
