@@ -30,9 +30,8 @@ from actors.checkpoints import local_checkpoint
 from actors.compute import Compute
 from actors.handles import call, send
 from actors.metrics import EngineMetrics, ExpertMetrics, publish_every
-from engine.outputs import merge
 from engine.admission import Resume
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, merge
 from engine.sampling_params import SamplingParams
 from mistral.checkpoint import CheckpointReader
 from router_service.remote_experts import RemoteExperts, RouterClient

@@ -40,8 +40,8 @@ from cluster.config import Limits
 from cluster.errors import (OverloadedError, ShardLost, UnavailableError, UnknownModelError, as_unavailable,
                             first_line)
 from actors.metrics import ServingMetrics
-from engine.errors import InvalidRequestError
 from engine.admission import Resume, check_request
+from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.structured_output import GrammarCompiler

@@ -37,8 +37,7 @@ from cluster.frontend import Frontend, usage
 from cluster.grpc_messages import read_request
 from cluster.self_verification import verify
 from engine.errors import InvalidRequestError
-from engine.outputs import merge
-from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, ranked
+from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, merge, ranked
 from engine.sampling_params import SamplingParams
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc

@@ -67,8 +67,7 @@ from cluster.frontend import Frontend
 from cluster.openai_api import ResponseBuilder
 from cluster.self_verification import verify
 from engine.errors import InvalidRequestError
-from engine.outputs import merge
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, merge
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

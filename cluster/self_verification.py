@@ -29,8 +29,7 @@ from typing import Any
 
 from cluster.api_request import ChatRequest, CompletionRequest
 from cluster.frontend import Frontend, usage
-from engine.outputs import merge
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput, merge
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 VERIFY_QUESTION = "Is the answer above correct? Answer yes or no."

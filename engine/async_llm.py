@@ -31,9 +31,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
+from engine.admission import Resume
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.llm import LLM, Prompt
-from engine.admission import Resume
 from engine.outputs import EngineStats, RequestOutput, merge
 from engine.sampling_params import SamplingParams
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.admission import Resume, check_request
 from engine.config import DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_MEMORY_UTILIZATION, CacheInfo, EngineConfig
 from engine.channels import ChannelText, Markers
 from engine.detokenizer import IncrementalDetokenizer
-from engine.admission import Resume, check_request
 from engine.errors import EngineConfigError, InvalidRequestError
 from engine.kv_cache_manager import KVCacheManager, max_blocks_per_sequence
 from engine.kv_tiers import KVTiers

@@ -2,8 +2,8 @@
 
 import pytest
 
-from engine.errors import InvalidRequestError
 from engine.admission import Resume
+from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from tests.conftest import small_llm
 

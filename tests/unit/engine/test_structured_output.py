@@ -9,8 +9,8 @@ import jsonschema
 import pytest
 
 from engine import LLM
-from engine.errors import InvalidRequestError
 from engine.admission import Resume
+from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams, StructuredOutputs
 
 SCHEMA = {
