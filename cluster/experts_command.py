@@ -159,7 +159,7 @@ def _run_experts(args) -> int:
         console.print(render(info, api.url))
         if args.png:
             write_png(info, args.png, api.url)
-            console.print(f"wrote {args.png}")
+            console.print(f"wrote {args.png}", soft_wrap=True, markup=False)  # a path to copy: never broken or styled
         return 0
     except ExpertsApiError as error:
         print(f"error: {error}", file=sys.stderr)

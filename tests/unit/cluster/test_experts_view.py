@@ -213,11 +213,11 @@ def stub():
 
 def test_experts_command(stub, tmp_path, capsys):
     stub.answers[("GET", "/v1/experts")] = (200, sample_info())
-    png = tmp_path / "docs" / "load.png"
+    png = tmp_path / ("docs" * 20) / "load.png"  # longer than a line: still printed whole, to be copied
     png.parent.mkdir()
     assert main(["experts", "--url", stub.url, "--api-key", "sk-1", "--png", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "balancedness" in out and f"wrote {png}" in out
+    assert "balancedness" in out and f"wrote {png}\n" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert stub.seen == [("GET", "/v1/experts", "Bearer sk-1")]
 
