@@ -18,7 +18,7 @@ serve: $(STAMP)
 	$(VENV)/bin/msem serve
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra -n 2 --dist loadscope --no-loadscope-reorder tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_vs_hf.py

@@ -8,6 +8,35 @@ import pytest
 import torch
 
 V1_TOKENIZER = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+INTEGRATION = "tests/integration/"
+# Whole `ray up` / `msem serve` runs, bounded in minutes rather than seconds: first, while the unit tests run too.
+INTEGRATION_FIRST = ("test_ray_up.py", "test_shutdown.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The integration tests first, `INTEGRATION_FIRST` at their head: under `make test` (below) they start at
+    once on one worker and the unit tests run on the other meanwhile."""
+    def order(item) -> int:
+        if not item.nodeid.startswith(INTEGRATION):
+            return len(INTEGRATION_FIRST) + 1
+        name = item.path.name
+        return INTEGRATION_FIRST.index(name) if name in INTEGRATION_FIRST else len(INTEGRATION_FIRST)
+    items.sort(key=order)  # stable: each module's tests stay together and in order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs pytest-xdist with two workers and `--dist loadscope`, where every integration test is
+    one unit of work: they run in order on one worker, one local Ray at a time, and the unit tests run on the
+    other, on the CPU the integration tests leave idle while they wait for processes, faults and health checks.
+    Any other `--dist` mode is xdist's own."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class IntegrationAsOneScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return INTEGRATION if nodeid.startswith(INTEGRATION) else super()._split_scope(nodeid)
+    return IntegrationAsOneScope(config, log)
 
 
 def write_hf_checkpoint(path: Path, *, moe: bool = True, seed: int = 0, **overrides) -> Path:
