@@ -28,7 +28,9 @@ def pytest_xdist_make_scheduler(config, log):
     """`make test` runs pytest-xdist with two workers and `--dist loadscope`, where every integration test is
     one unit of work: they run in order on one worker, one local Ray at a time, and the unit tests run on the
     other, on the CPU the integration tests leave idle while they wait for processes, faults and health checks.
-    Any other `--dist` mode is xdist's own."""
+    (`--no-loadscope-reorder` keeps the collection's order, so that the integration tests start first.) Any
+    other `--dist` mode is xdist's own. Not xdist's `loadgroup`: it marks groups in `item._nodeid`, which pytest
+    9.2 no longer reads, so it would not keep the integration tests on one worker."""
     if config.getoption("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
