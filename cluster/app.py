@@ -64,9 +64,11 @@ BLOCK_SIZE = EngineConfig.block_size  # the shards' KV block size (the engine's 
 # Ray must be started with it (`init_local_ray`, the `ray start` commands of cluster*.yaml). Two of the mode's
 # settings stay off: direct ingress (it serves from each replica's own port and needs HAProxy or a load balancer),
 # and the handles' router on the caller's loop (handles are then usable only from that loop, and shards call the
-# Router and the MemoryStore from their engine's threads).
+# Router and the MemoryStore from their engine's threads). One is set explicitly: Ray 2.60 decides whether the
+# proxy calls replicas over gRPC before the mode turns gRPC on, so without it the proxy keeps Ray's actor calls
+# (which cost it about 1.6x the CPU per streamed request: docs/PERFORMANCE.md).
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-             "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+             "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "RAY_SERVE_PROXY_USE_GRPC": "1"}
 
 
 def init_local_ray(**options) -> "ray.RayContext":

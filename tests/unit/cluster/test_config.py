@@ -1,6 +1,10 @@
 """ServeConfig loading and the per-group scaling it turns into (no Ray needed)."""
 
+import json
+import os
 import socket
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -104,6 +108,23 @@ def test_the_request_path_runs_with_serve_s_fast_settings_and_the_rest_with_ray_
                    for deployment in ("Router", "MemoryStore", "ExpertGroup0", "ExpertGroup1")
                    for name in env[deployment])
     assert SERVE_ENV["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "1"  # handles are called from engine threads
+
+
+def test_serve_env_gives_ray_serve_the_settings_it_names():
+    """What Ray Serve makes of SERVE_ENV, read where its processes read it (a fresh interpreter): the proxy and the
+    handles call replicas over gRPC, user code runs on the replica's loop, no direct ingress."""
+    from cluster.app import SERVE_ENV
+
+    names = ("RAY_SERVE_PROXY_USE_GRPC", "RAY_SERVE_USE_GRPC_BY_DEFAULT", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD",
+             "RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP")
+    code = ("import json; from ray.serve._private import constants as c; "
+            f"print(json.dumps([getattr(c, n) for n in {names}]))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")} | SERVE_ENV
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert dict(zip(names, json.loads(out))) == {
+        "RAY_SERVE_PROXY_USE_GRPC": True, "RAY_SERVE_USE_GRPC_BY_DEFAULT": True,
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": False, "RAY_SERVE_ENABLE_DIRECT_INGRESS": False,
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": True}
 
 
 def test_dense_model_with_expert_groups_is_refused(tmp_path):
