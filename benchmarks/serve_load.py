@@ -14,20 +14,28 @@ between streamed chunks) p50/p99. Layouts, all in one run:
   coalesced over the default `stream_interval_s`.
 - `serve-each-step`: the same with `stream_interval_s` 0 (each engine step's delta crosses as its own message).
 - `serve+ep2`: `serve` with two expert group deployments over gRPC (adds the per-layer hop).
+- `serve-floor`: Ray Serve's own cost of the same path, without msem: the same request through Serve's proxy to
+  a FastAPI ingress deployment, which streams SSE from a handle call to a second deployment that yields the
+  requested number of one-token items at once (no tokenizer, no model, no msem code). Its TTFT is the least any
+  application with this path can reach on the machine.
 
-`--layouts` picks which of the three run (all by default); the engine baseline always runs. The machine's speed
+`--layouts` picks which of them run (all by default); the engine baseline always runs. The machine's speed
 drifts over minutes, so the engine and a layout alternate in `--rounds` rounds (engine first in even rounds,
 the layout first in odd ones), and each figure is the median over rounds; a ratio is the median of the rounds'
 ratios, each between an engine round and the layout round next to it.
 
-Ratios are layout / engine: requests/s below 1 and latencies above 1 are the serving overhead.
+Ratios are layout / engine: requests/s below 1 and latencies above 1 are the serving overhead. For each layout,
+the CPU time of Serve's processes on this machine (the proxy, each deployment's replicas together) and of the load
+generator (`client`) is reported per request, also a median over rounds.
 """
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import multiprocessing
+import os
 import socket
 import statistics
 import sys
@@ -38,6 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx2 as httpx  # noqa: E402  (the openai client's HTTP library)
+import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from cluster.app import deploy, init_local_ray  # noqa: E402
@@ -159,16 +168,95 @@ def serve_load(args, prompt_ids, expert_groups: int | None, stream_interval_s: f
     deploy(config)
     base = f"http://127.0.0.1:{port}"
     wait_until_healthy(base, timeout=600)
+    try:
+        yield _http_load(base, prompt_ids)
+    finally:
+        serve.shutdown()
 
+
+@contextlib.contextmanager
+def floor_load(prompt_ids: list[int]):
+    """Deploys the `serve-floor` stub application with msem's Serve settings; yields its `load`."""
+    from fastapi import FastAPI
+    from ray import serve
+    from sse_starlette import EventSourceResponse
+
+    from cluster.app import SERVE_ENV
+
+    api = FastAPI()
+    options = {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": SERVE_ENV}},
+               "max_ongoing_requests": 1024}
+
+    @serve.deployment(**options)
+    class Tokens:
+        async def stream(self, n: int):
+            for i in range(n):
+                yield {"index": i, "text": " x"}
+
+    @serve.deployment(**options)
+    @serve.ingress(api)
+    class Edge:
+        def __init__(self, tokens):
+            self.tokens = tokens.options(stream=True)
+
+        @api.post("/v1/completions")
+        async def completions(self, body: dict):
+            async def events():
+                async for item in self.tokens.stream.remote(body["max_tokens"]):
+                    yield json.dumps({"choices": [item]})
+                yield "[DONE]"
+            return EventSourceResponse(events(), sep="\n")
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(Edge.bind(Tokens.bind()), name="floor", route_prefix="/")
+    try:
+        yield _http_load(f"http://127.0.0.1:{port}", prompt_ids)
+    finally:
+        serve.shutdown()
+
+
+def _http_load(base: str, prompt_ids: list[int]):
     async def load(concurrency: int, max_tokens: int, requests: int) -> dict:
         limits = httpx.Limits(max_connections=concurrency + 4)
         async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
             return await _clients(concurrency, requests, lambda: _http_request(http, prompt_ids, max_tokens))
+    return lambda c, max_tokens, requests: asyncio.run(load(c, max_tokens, requests))
 
-    try:
-        yield lambda c, max_tokens, requests: asyncio.run(load(c, max_tokens, requests))
-    finally:
-        serve.shutdown()
+
+def _serve_cpu() -> dict[int, tuple[str, float]]:
+    """{pid: (role, CPU seconds so far)} of Serve's processes on this machine and of this one (`client`, the load
+    generator); a Serve process's role is `proxy` or the replica's deployment."""
+    times = psutil.Process().cpu_times()
+    found = {os.getpid(): ("client", times.user + times.system)}
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or ()).split()
+        if not title:
+            continue
+        if title[0].startswith("ray::ProxyActor"):
+            role = "proxy"
+        elif title[0].startswith("ray::ServeReplica:"):
+            role = title[0].split(":")[-1].split(".")[0]  # ray::ServeReplica:<app>:<deployment>[.<method>]
+        else:
+            continue
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            found[process.pid] = (role, times.user + times.system)
+    return found
+
+
+def _with_cpu(load):
+    """`load`, its summary with the CPU milliseconds per request each Serve role spent meanwhile."""
+    def measured(concurrency: int, max_tokens: int, requests: int) -> dict:
+        before = _serve_cpu()
+        summary = load(concurrency, max_tokens, requests)
+        spent = collections.Counter()
+        for pid, (role, seconds) in _serve_cpu().items():
+            if pid in before:  # a replica started meanwhile has no share of this load to report
+                spent[role] += seconds - before[pid][1]
+        return summary | {f"cpu_ms/req {role}": 1e3 * seconds / (concurrency * requests)
+                          for role, seconds in sorted(spent.items())}
+    return measured
 
 
 def alternate(args, engine, layout) -> tuple[dict, dict]:
@@ -193,10 +281,11 @@ RATIOS = ("requests_per_s", "ttft_p50_ms", "itl_p50_ms")
 
 def _median(summaries) -> dict:
     summaries = list(summaries)
-    return {key: statistics.median(s[key] for s in summaries) for key in summaries[0]}
+    return {key: statistics.median(s[key] for s in summaries if key in s) for key in summaries[0]}
 
 
-LAYOUTS = {"serve": (None,), "serve-each-step": (None, 0.0), "serve+ep2": (2,)}  # expert groups, stream interval
+LAYOUTS = {"serve": (None,), "serve-each-step": (None, 0.0), "serve+ep2": (2,),  # expert groups, stream interval
+           "serve-floor": None}
 
 
 def _print(results: dict) -> None:
@@ -208,6 +297,12 @@ def _print(results: dict) -> None:
             print(f"{layout:<24}{c:>4}{r['requests_per_s']:>9.2f}{ratios[0]:>7.2f}{r['ttft_p50_ms']:>10.1f}"
                   f"{r['ttft_p99_ms']:>8.1f}{ratios[1]:>7.2f}{r['itl_p50_ms']:>9.1f}{r['itl_p99_ms']:>8.1f}"
                   f"{ratios[2]:>7.2f}")
+    print("CPU ms per request of Serve's processes and of the load generator (medians over rounds):")
+    for layout, by_c in results.items():
+        for c, r in by_c.items():
+            cpu = {key.split(" ", 1)[1]: ms for key, ms in r.items() if key.startswith("cpu_ms/req ")}
+            if cpu:
+                print(f"{layout:<24}{c:>4}   " + "  ".join(f"{role} {ms:.1f}" for role, ms in cpu.items()))
 
 
 def main() -> None:
@@ -234,9 +329,13 @@ def main() -> None:
         init_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False)  # with msem's Serve settings
         try:
             for layout in args.layouts:
-                groups, interval = (*LAYOUTS[layout], args.stream_interval)[:2]
-                with serve_load(args, prompt_ids, groups, interval) as load:
-                    results[f"engine ({layout})"], results[layout] = alternate(args, engine, load)
+                if LAYOUTS[layout] is None:
+                    deployed = floor_load(prompt_ids)
+                else:
+                    groups, interval = (*LAYOUTS[layout], args.stream_interval)[:2]
+                    deployed = serve_load(args, prompt_ids, groups, interval)
+                with deployed as load:
+                    results[f"engine ({layout})"], results[layout] = alternate(args, engine, _with_cpu(load))
         finally:
             ray.shutdown()
             _print(results)  # what ran, also when a layout failed
