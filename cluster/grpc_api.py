@@ -115,7 +115,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             [(ids, params)] = self.frontend.prepare(parsed)
             return parsed, ids, params
 
-        return await asyncio.to_thread(prepare)
+        return await self.frontend.off_loop(prepare)
 
     async def _complete(self, request: CompletionRequest | ChatRequest, ids: list[int],
                         params: SamplingParams) -> pb.GenerateResponse:

@@ -152,9 +152,10 @@ class _Api:
         parsed = parse_tokenize(_decode(await self._read_body(request)))
         self.frontend.check_model(parsed.model)
         if parsed.messages is not None:
-            ids = await asyncio.to_thread(self.frontend.encode_chat, parsed.messages)
+            ids = await self.frontend.off_loop(self.frontend.encode_chat, parsed.messages)
         else:
-            ids = await asyncio.to_thread(self.frontend.tokenizer.encode, parsed.prompt, parsed.add_special_tokens)
+            ids = await self.frontend.off_loop(self.frontend.tokenizer.encode, parsed.prompt,
+                                               parsed.add_special_tokens)
         return JSONResponse({"count": len(ids), "max_model_len": self.frontend.max_model_len, "tokens": ids})
 
     async def detokenize(self, request: Request) -> Response:
@@ -204,7 +205,7 @@ class _Api:
             parsed = parse_request(_decode(body), chat)
             return parsed, self.frontend.prepare(parsed)
 
-        return await asyncio.to_thread(prepare)
+        return await self.frontend.off_loop(prepare)
 
     def _no_expert_groups(self) -> ApiError:
         return ApiError(404, f"{self.frontend.model_name!r} has no expert groups: its experts (if any) run "

@@ -89,7 +89,7 @@ async def _verifier_score(frontend: Frontend, request: CompletionRequest | ChatR
     if isinstance(request, ChatRequest):
         messages = request.messages + [{"role": "assistant", "content": candidate.text or " "},
                                        {"role": "user", "content": VERIFY_QUESTION}]
-        ids = await asyncio.to_thread(frontend.tokenizer.encode_chat, messages)
+        ids = await frontend.off_loop(frontend.tokenizer.encode_chat, messages)
     else:
         ids = prompt_token_ids + candidate.token_ids + frontend.tokenizer.encode_continuation(_COMPLETION_QUESTION)
     params = SamplingParams(max_tokens=1, temperature=0, logprobs=MAX_LOGPROBS)

@@ -4,6 +4,7 @@ that keeps answering while large bodies are tokenized."""
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -190,8 +191,32 @@ def test_cors_is_off_by_default_and_configurable(frontend, base):
 
 # ---- the event loop stays free ----
 
+class _WatchedTokenizer:
+    """A tokenizer that records how many `encode_chat` calls ran at once, and on which threads."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lock, self.inside, self.most, self.threads = tokenizer, threading.Lock(), 0, 0, set()
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+    def encode_chat(self, *args):
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+            self.threads.add(threading.current_thread().name)
+        try:
+            return self.tokenizer.encode_chat(*args)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
 def test_health_answers_while_large_bodies_are_tokenized(async_llm):
+    """Tokenizing runs off the event loop, on one worker thread: with one thread per body, the loop waited for
+    the interpreter lock behind each of them and /health took up to 375 ms on an idle machine."""
     frontend = make_frontend(async_llm)
+    frontend.tokenizer = watched = _WatchedTokenizer(frontend.tokenizer)
     big = {"model": "tiny", "messages": [{"role": "user", "content": "hello world, a test. " * 40_000}]}
     with serve_http(frontend, max_body_bytes=2 << 20) as url:
         async def run() -> float:
@@ -207,6 +232,7 @@ def test_health_answers_while_large_bodies_are_tokenized(async_llm):
                 return worst
 
         worst = asyncio.run(run())
+    assert watched.most == 1 and len(watched.threads) == 1 and watched.threads.pop().startswith("msem-prepare")
     # tokenizing the four bodies takes seconds of CPU; on the event loop it stalled /health for all of it
     assert worst < 0.5, f"/health took {worst:.3f} s while bodies were tokenized"
 
