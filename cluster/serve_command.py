@@ -18,7 +18,8 @@ Ray's own handlers, which stop the Ray started so far and exit with status 1 or 
    requests it has (a stream runs to its end) for up to its `graceful_shutdown_timeout_s`, 20 s by default.
    A second signal skips the rest of the drain; `DRAIN_TIMEOUT_S` bounds it if Serve does not answer. A signal
    sent to the whole process group or cgroup (systemd's stop) reaches the local Ray's own processes too: its GCS
-   stops answering at once, and the drain ends there (every Serve call would wait a minute for the GCS).
+   stops answering, and the drain ends there, whether that happened before it began or during one of its Serve
+   calls (a call to a stopped Ray waits for its GCS until Ray's 60 s reconnect timeout ends the process).
 2. stop what this command started: a local Ray is shut down with everything in it (Serve too); on a cluster
    at RAY_ADDRESS, Serve is shut down only when no other application is left on it.
 3. no process is left behind: any process started under this one (Ray's GCS, raylet, dashboard, its
@@ -34,6 +35,7 @@ Ray's own handlers, which stop the Ray started so far and exit with status 1 or 
 import contextlib
 import os
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +44,7 @@ from cluster.config import ExpertGroupsConfig, ServeConfig, load_config, load_se
 
 DRAIN_TIMEOUT_S = 30.0  # bounds the drain; Serve stops a replica 20 s after asking it (graceful_shutdown_timeout_s)
 REAP_TIMEOUT_S = 5.0  # how long a leftover process has to exit after SIGTERM, before SIGKILL
+RAY_CHECK_PERIOD_S = 0.5  # how often a drain on a local Ray checks that the Ray still answers
 
 
 class DeployFailedError(RuntimeError):
@@ -131,7 +134,10 @@ def stop(is_local: bool) -> None:
     try:
         print("shutting down: requests in flight may finish (Ctrl-C again to stop at once) ...", flush=True)
         if ray.is_initialized():  # not when interrupted inside ray.init (Serve's calls would start Ray)
-            _drain(DRAIN_TIMEOUT_S, stop_idle_serve=not is_local, ray_stopped=_gcs_stopped if is_local else None)
+            with _interrupted_when(_gcs_stopped) if is_local else contextlib.nullcontext():
+                _drain(DRAIN_TIMEOUT_S, stop_idle_serve=not is_local)
+    except RayStopped:
+        print("Ray has stopped too (the signal reached its processes): nothing is left to drain", flush=True)
     except KeyboardInterrupt:
         print("stopping at once ...", flush=True)
     for stop_signal in (signal.SIGINT, signal.SIGTERM):  # nothing may cut the rest short
@@ -154,10 +160,9 @@ def _gcs_stopped(timeout_s: float = 1.0) -> bool:
     return False
 
 
-def _drain(timeout: float, stop_idle_serve: bool, ray_stopped=None) -> None:
+def _drain(timeout: float, stop_idle_serve: bool) -> None:
     """Delete the application and wait until Serve has stopped its replicas (at most `timeout` seconds); with
-    `stop_idle_serve`, then shut Serve down if no other application is left on it. `ray_stopped()`, checked
-    before each Serve call, ends the drain when the Ray under it has stopped (nothing is left to drain then).
+    `stop_idle_serve`, then shut Serve down if no other application is left on it.
 
     All on the main thread, so that a second signal interrupts it and no Ray call can outlive `ray.shutdown`
     (one would start a new Ray: Serve's client calls `ray.init` when Ray is not running).
@@ -167,8 +172,6 @@ def _drain(timeout: float, stop_idle_serve: bool, ray_stopped=None) -> None:
     from cluster.app import APP_NAME
 
     def applications() -> set[str]:
-        if ray_stopped is not None and ray_stopped():
-            raise RayStopped
         return set(serve.status().applications)
 
     try:
@@ -182,15 +185,52 @@ def _drain(timeout: float, stop_idle_serve: bool, ray_stopped=None) -> None:
                 time.sleep(0.2)
         if stop_idle_serve and not applications():
             serve.shutdown()
-    except RayStopped:
-        print("Ray has stopped too (the signal reached its processes): nothing is left to drain", flush=True)
     except Exception as error:  # noqa: BLE001 - stopping goes on; the user learns why it did not drain
         print(f"could not drain the application ({type(error).__name__}: {error}); stopping it at once",
               flush=True)
 
 
-class RayStopped(Exception):
-    """The Ray under the application stopped while it was being drained."""
+class RayStopped(BaseException):
+    """The Ray under the application stopped while it was being drained (a BaseException, as the
+    KeyboardInterrupt it replaces: the drain's `except Exception` does not swallow it)."""
+
+
+@contextlib.contextmanager
+def _interrupted_when(stopped, period_s: float = RAY_CHECK_PERIOD_S):
+    """Run the body (on the main thread) while a thread checks `stopped()` every `period_s`; once it is true,
+    the body is interrupted as a second Ctrl-C would interrupt it, and raises `RayStopped`.
+
+    A Serve call blocked on a Ray whose GCS has stopped returns only when Ray's 60 s reconnect timeout ends the
+    whole process (exit status 1); Ray checks for signals while it waits, so a SIGINT to the main thread ends
+    the call. Checking before each call would not do: the GCS can stop between the check and the call.
+    """
+    if stopped():
+        raise RayStopped
+    main, done, lock, seen = threading.main_thread().ident, threading.Event(), threading.Lock(), threading.Event()
+
+    def watch() -> None:
+        while not done.wait(period_s):
+            if stopped():
+                with lock:
+                    if not done.is_set():
+                        seen.set()
+                        signal.pthread_kill(main, signal.SIGINT)
+                return
+
+    watcher = threading.Thread(target=watch, name="msem-ray-watch", daemon=True)
+    watcher.start()
+    try:
+        try:
+            yield
+        finally:
+            with lock:  # no signal from the watcher after this
+                done.set()
+    except KeyboardInterrupt:
+        if seen.is_set():
+            raise RayStopped from None
+        raise
+    finally:
+        watcher.join()
 
 
 def _descendants() -> list:

@@ -12,9 +12,11 @@ import pytest
 
 class FakeRay:
     """Ray and Serve as `msem serve` calls them, recording the calls; `drains` is False for an application that
-    never finishes its requests, `gcs_up` False for a Ray the signal stopped too."""
+    never finishes its requests, `gcs_up` False for a Ray the signal stopped too, `stops_in_drain` True for a Ray
+    that stops while the drain waits on a Serve call (which then never answers: it sleeps, recording its end)."""
 
-    def __init__(self, monkeypatch, drains: bool = True, other_apps: tuple[str, ...] = (), gcs_up: bool = True):
+    def __init__(self, monkeypatch, drains: bool = True, other_apps: tuple[str, ...] = (), gcs_up: bool = True,
+                 stops_in_drain: bool = False):
         import ray
         from ray import serve
 
@@ -22,17 +24,24 @@ class FakeRay:
         import cluster.serve_command as command
 
         self.calls, self.apps = [], {"msem", *other_apps}
-        self.drains = drains
+        self.drains, self.gcs_up, self.stops_in_drain = drains, gcs_up, stops_in_drain
         monkeypatch.setattr(ray, "init", lambda **kwargs: SimpleNamespace(dashboard_url="127.0.0.1:8265"))
         monkeypatch.setattr(ray, "is_initialized", lambda: True)
         monkeypatch.setattr(ray, "shutdown", lambda: self.calls.append("ray.shutdown"))
-        monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=dict.fromkeys(self.apps)))
+        monkeypatch.setattr(serve, "status", self._status)
         monkeypatch.setattr(serve, "delete", self._delete)
         monkeypatch.setattr(serve, "shutdown", lambda: self.calls.append("serve.shutdown"))
         monkeypatch.setattr(cluster.app, "deploy", lambda config, serve_file: self.calls.append("deploy"))
         monkeypatch.setattr(command, "wait_until_healthy", lambda base, timeout: None)
         monkeypatch.setattr(command, "_descendants", lambda: [])  # never this test run's own processes
-        monkeypatch.setattr(command, "_gcs_stopped", lambda: not gcs_up)
+        monkeypatch.setattr(command, "_gcs_stopped", lambda: not self.gcs_up)
+
+    def _status(self) -> SimpleNamespace:
+        if self.stops_in_drain and self.calls[-1:] == ["delete msem"]:
+            self.gcs_up = False
+            time.sleep(60)  # a call to the stopped GCS: Ray's own reconnect timeout would end the process
+            self.calls.append("status returned")
+        return SimpleNamespace(applications=dict.fromkeys(self.apps))
 
     def _delete(self, name: str, _blocking: bool = True) -> None:
         self.calls.append(f"delete {name}")
@@ -110,6 +119,19 @@ def test_a_signal_that_stopped_ray_too_skips_the_drain(monkeypatch, capsys, rest
     assert main(["serve", "--model", "tiny"]) == 0
     assert ray.calls == ["deploy", "ray.shutdown"]
     assert "nothing is left to drain" in capsys.readouterr().out
+
+
+def test_ray_stopping_during_a_serve_call_of_the_drain_ends_the_drain(monkeypatch, capsys, restore_signals):
+    """The signal reached Ray's processes too, but after the drain had checked that the GCS answers: the Serve
+    call then waiting on the stopped GCS is interrupted as soon as the GCS is seen stopped."""
+    from cluster.cli import main
+
+    ray = FakeRay(monkeypatch, drains=False, stops_in_drain=True)
+    _on_sleep(monkeypatch, lambda seconds: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(["serve", "--model", "tiny"]) == 0
+    assert ray.calls == ["deploy", "delete msem", "ray.shutdown"]
+    out = capsys.readouterr().out
+    assert "nothing is left to drain" in out and "stopping at once" not in out
 
 
 def test_a_failed_start_stops_what_it_started(monkeypatch, capsys, restore_signals):
