@@ -1,6 +1,7 @@
-"""msem vs transformers on one checkpoint, side by side, in one run (fp32, CPU by default).
+"""msem vs transformers on one checkpoint, side by side, in one run (fp32 on the CPU by default).
 
     .venv/bin/python benchmarks/engine_vs_hf.py --cases a,b,c --json /tmp/bench.json
+    python benchmarks/engine_vs_hf.py --device cuda           # both on the GPU, bf16 (--dtype float32 to change)
 
 Cases (prompts are seeded random token ids; greedy; EOS ignored on both sides):
 
@@ -16,7 +17,7 @@ cache hit. Each side is warmed up once with a short run first; each figure is th
 (the median is reported too). Timings on a shared machine are noisy: compare ratios from the same run.
 
 Case (b) is compute-bound, not bandwidth-bound: its roofline is the FLOPs of all 32 x 256 token passes over
-the measured speed of one large fp32 matrix product.
+the measured speed of one large matrix product in the run's dtype.
 
 The (a) roofline counts weights only (the KV cache read per token is small at these lengths): per layer the
 attention projections, two norms, the gate and the top-k experts' w1/w2/w3; plus one embedding row, the final
@@ -57,31 +58,37 @@ def best_and_median(samples: list[float], lower_is_better: bool) -> dict:
 
 # ---- memory bandwidth roofline ----
 
-def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict:
-    """GB/s of a streaming read (`torch.sum`) and of a copy (read + write) over `gib` GiB of fp32, best of n."""
-    x = torch.ones(int(gib * 2**30) // 4)
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU runs it asynchronously; the CPU has nothing queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds `fn()` takes on `device`, its queued work included."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def measure_bandwidth(device: torch.device, dtype: torch.dtype, gib: float = 1.0, repeats: int = 5) -> dict:
+    """GB/s of a streaming read (`torch.sum`) and of a copy (read + write) over `gib` GiB, best of n."""
+    x = torch.ones(int(gib * 2**30) // dtype.itemsize, dtype=dtype, device=device)
     y = torch.empty_like(x)
-    nbytes = x.numel() * 4
-    read, copy = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        read.append(nbytes / (time.perf_counter() - t0) / 1e9)
-        t0 = time.perf_counter()
-        y.copy_(x)
-        copy.append(2 * nbytes / (time.perf_counter() - t0) / 1e9)
+    nbytes = x.numel() * dtype.itemsize
+    read = [nbytes / timed(x.sum, device) / 1e9 for _ in range(repeats)]
+    copy = [2 * nbytes / timed(lambda: y.copy_(x), device) / 1e9 for _ in range(repeats)]
     return {"read_gb_s": max(read), "copy_gb_s": max(copy), "tensor_gib": gib}
 
 
-def measure_gflops(repeats: int = 10) -> float:
-    """fp32 GFLOP/s of one large matrix product of the bench shapes (2048 x 512 @ 512 x 1792), best of n."""
-    a, b = torch.randn(2048, 512), torch.randn(1792, 512)
+def measure_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> float:
+    """GFLOP/s of one large matrix product of the bench shapes (2048 x 512 @ 512 x 1792), best of n."""
+    a = torch.randn(2048, 512, dtype=dtype, device=device)
+    b = torch.randn(1792, 512, dtype=dtype, device=device)
     a @ b.T
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b.T
-        best = min(best, time.perf_counter() - t0)
+    best = min(timed(lambda: a @ b.T, device) for _ in range(repeats))
     return 2 * a.shape[0] * a.shape[1] * b.shape[0] / best / 1e9
 
 
@@ -136,6 +143,7 @@ def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, streamer=N
     for i, p in enumerate(prompts):
         input_ids[i, longest - len(p):] = torch.tensor(p)
         attention_mask[i, longest - len(p):] = 1
+    input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=pad_id,
@@ -161,7 +169,7 @@ def msem_stream(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[list[int]
 
 # ---- cases ----
 
-def case_a(llm, hf, cfg: ModelConfig, repeats: int, bandwidth: dict) -> dict:
+def case_a(llm, hf, cfg: ModelConfig, repeats: int, bandwidth: dict, dtype_bytes: int) -> dict:
     new, figures = 128, {"msem": [], "hf": [], "msem_decode": [], "hf_decode": []}
     identical, first_mismatch = True, None
     for r in range(repeats):
@@ -186,7 +194,7 @@ def case_a(llm, hf, cfg: ModelConfig, repeats: int, bandwidth: dict) -> dict:
     print(f"greedy tokens identical: {identical}" + ("" if identical else f" (first mismatch at {first_mismatch})"),
           flush=True)
     out = {k: best_and_median(v, lower_is_better=False) for k, v in figures.items()}
-    per_token = weight_bytes_per_token(cfg)
+    per_token = weight_bytes_per_token(cfg, dtype_bytes)
     roofline = bandwidth["read_gb_s"] * 1e9 / per_token
     out["greedy_identical"] = identical
     out["roofline"] = {"weight_bytes_per_token": per_token, "tokens_per_s": roofline,
@@ -209,7 +217,7 @@ def case_b(llm, hf, cfg: ModelConfig, repeats: int, gflops: float) -> dict:
         matches = sum(a == b for a, b in zip(ours, theirs))
         log(f"  (b) repeat {r + 1}/{repeats}: msem {figures['msem'][-1]:.1f} tok/s, "
             f"transformers {figures['hf'][-1]:.1f} tok/s")
-    print(f"(b) greedy sequences identical: {matches}/{num} (batched fp32 arithmetic may break near-ties)", flush=True)
+    print(f"(b) greedy sequences identical: {matches}/{num} (batched arithmetic may break near-ties)", flush=True)
     out = {k: best_and_median(v, lower_is_better=False) for k, v in figures.items()}
     out["ratio"] = out["msem"]["best"] / out["hf"]["best"]
     out["identical_sequences"] = matches
@@ -280,8 +288,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="bench", help="preset name or checkpoint directory")
     p.add_argument("--ttft-chunk", type=int, default=512,
                    help="also time (c) with this msem step budget (chunked prefill); 0 to skip")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch sees no CUDA device")
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = set(args.cases) - set(DEFAULT_REPEATS)
     if unknown:
@@ -295,17 +309,19 @@ def main(argv=None) -> None:
 
     model_dir = resolve_model(args.model)
     cfg = ModelConfig.from_dir(model_dir)
+    device, dtype, dtype_name = args.device, args.dtype, str(args.dtype).removeprefix("torch.")
     res = {"model": str(model_dir), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-           "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
-    log(f"model {model_dir}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+           "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(), "device": str(device), "dtype": dtype_name,
+           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    log(f"model {model_dir}; torch {torch.__version__}, {torch.get_num_threads()} threads; {device}, {dtype_name}")
     log("measuring memory bandwidth ...")
-    res["bandwidth"] = bandwidth = measure_bandwidth()
+    res["bandwidth"] = bandwidth = measure_bandwidth(device, dtype)
     log(f"  read {bandwidth['read_gb_s']:.1f} GB/s, copy {bandwidth['copy_gb_s']:.1f} GB/s")
-    res["gflops"] = gflops = measure_gflops()
-    log(f"  fp32 matrix product {gflops:.0f} GFLOP/s")
+    res["gflops"] = gflops = measure_gflops(device, dtype)
+    log(f"  {dtype_name} matrix product {gflops:.0f} GFLOP/s")
     log("loading msem and transformers ...")
-    llm = LLM(model=str(model_dir), dtype="float32", progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    llm = LLM(model=str(model_dir), dtype=dtype_name, device=str(device), progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     res["hf_impl"] = {"attention": hf.config._attn_implementation,
                       "experts": getattr(hf.config, "_experts_implementation", None)}
     log("warming up ...")
@@ -318,7 +334,7 @@ def main(argv=None) -> None:
 
     if "a" in args.cases:
         log("case (a): one request, 128 + 128 tokens")
-        res["a"] = case_a(llm, hf, cfg, repeats("a"), bandwidth)
+        res["a"] = case_a(llm, hf, cfg, repeats("a"), bandwidth, dtype.itemsize)
     if "b" in args.cases:
         log("case (b): 32 concurrent requests, 128 + 128 tokens each")
         res["b"] = case_b(llm, hf, cfg, repeats("b"), gflops)
@@ -326,7 +342,7 @@ def main(argv=None) -> None:
         log("case (c): time to first token, 2,048-token prompt")
         llms = {llm.engine.config.max_num_batched_tokens: llm}
         if args.ttft_chunk:
-            llms[args.ttft_chunk] = LLM(model=str(model_dir), dtype="float32", progress=False,
+            llms[args.ttft_chunk] = LLM(model=str(model_dir), dtype=dtype_name, device=str(device), progress=False,
                                         max_num_batched_tokens=args.ttft_chunk)
             msem_generate(llms[args.ttft_chunk], warm, 2)
         res["c"] = case_c(llms, hf, cfg, repeats("c"))
@@ -335,8 +351,9 @@ def main(argv=None) -> None:
     print(f"1-min load average at start {res['loadavg_start'][0]:.1f}, at end {res['loadavg_end'][0]:.1f} "
           f"on {os.cpu_count()} CPUs: above ~1 other work shared the machine and timings are noisy")
     print(f"memory bandwidth: {bandwidth['read_gb_s']:.1f} GB/s read (torch.sum), "
-          f"{bandwidth['copy_gb_s']:.1f} GB/s copy (read + write), {bandwidth['tensor_gib']:g} GiB fp32")
-    print(f"fp32 matrix product: {gflops:.0f} GFLOP/s (2048 x 512 @ 512 x 1792)")
+          f"{bandwidth['copy_gb_s']:.1f} GB/s copy (read + write), {bandwidth['tensor_gib']:g} GiB {dtype_name} "
+          f"on {res['gpu'] or device}")
+    print(f"{dtype_name} matrix product: {gflops:.0f} GFLOP/s (2048 x 512 @ 512 x 1792)")
     if "a" in res:
         roof = res["a"]["roofline"]
         print(f"roofline: {roof['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token -> "

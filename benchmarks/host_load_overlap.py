@@ -2,12 +2,13 @@
 vs on the copier thread, side by side in one run.
 
     .venv/bin/python benchmarks/host_load_overlap.py [--model bench] [--prefix-tokens 4096] [--rounds 3]
-                                                      [--json out.json]
+                                                      [--device cuda] [--json out.json]
 
-One in-process engine (fp32) with a host tier. Each round, for each mode of `KVTiers.host_loads` ("inline": the
-copy runs on the engine thread; "async": on the copier thread; "auto", the default: async only when the copy is
-predicted to outlast half a step): `--decoders` requests decode; a request whose
-`--prefix-tokens` prefix was pushed from the device pool to host RAM arrives; the steps go on until it has its
+One in-process engine with a host tier: fp32 on the CPU; on a GPU bf16 unless `--dtype` says otherwise, the host
+tier in pinned RAM and the copier's copies on a CUDA stream of their own. Each round, for each mode of
+`KVTiers.host_loads` ("inline": the copy runs on the engine thread; "async": on the copier thread; "auto", the
+default: async only when the copy is predicted to outlast half a step): `--decoders` requests decode; a request
+whose `--prefix-tokens` prefix was pushed from the device pool to host RAM arrives; the steps go on until it has its
 first token. Recorded: the longest step the decoding requests waited for (their stall) against the median
 decode step before the arrival, the arriving request's time to first token, and the copy itself (the host tier's
 fitted read time for the blocks it loaded, from `FetchCost`). The order of the modes
@@ -77,13 +78,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="bench")
     p.add_argument("--prefix-tokens", type=int, default=4096)
-    p.add_argument("--kv-bytes-per-token", type=int, default=8 << 10, help="the model's KV bytes per token")
+    p.add_argument("--kv-bytes-per-token", type=int, default=8 << 10,
+                   help="the model's KV bytes per token (the bench preset's in fp32; half that in bf16)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--decoders", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every mode once")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     prefix_bytes = args.prefix_tokens * args.kv_bytes_per_token
-    llm = LLM(args.model, dtype="float32", max_model_len=args.prefix_tokens + 64,
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    llm = LLM(args.model, dtype=dtype, device=args.device, max_model_len=args.prefix_tokens + 64,
               kv_cache_memory=int(1.6 * prefix_bytes), host_kv_cache_memory=4 * prefix_bytes, progress=False)
     tiers, rng = llm.engine.tiers, random.Random(0)
     one_round(llm, rng, args)  # warm-up; its copy is measured, and so is every later one
