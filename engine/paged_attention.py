@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mistral.attention import attend, causal_mask, window_mask
+from mistral.attention import attend, causal_mask, sdpa, window_mask
 
 
 @dataclass
@@ -105,8 +105,7 @@ class PagedAttention:
             qd = q[m.decode_rows][:, :, None, :]  # [B, n, 1, d]
             kd = k_cache[m.decode_slots].transpose(1, 2)  # [B, g, L, d]
             vd = v_cache[m.decode_slots].transpose(1, 2)
-            od = torch.nn.functional.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=m.decode_mask, enable_gqa=q.shape[1] != k.shape[1])
+            od = sdpa(qd, kd, vd, m.decode_mask)
             out[m.decode_rows] = od[:, :, 0, :]
         for p in m.prefills:
             k_ctx, v_ctx = k_cache[p.slots], v_cache[p.slots]

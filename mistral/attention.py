@@ -7,10 +7,17 @@ the two equal.
 Legend: T tokens (all sequences of a batch, concatenated), n query heads, g kv heads, d head_dim.
 """
 
+import contextlib
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# SDPA's kernels on a GPU, cuDNN's left out: it builds an execution plan for each new shape, about 5 ms of CPU
+# time per call on an H200 host, and a decode step's key lengths change every step (it made the GPU idle 97% of
+# a step: docs/PERFORMANCE.md, "On a GPU"). Flash and memory-efficient attention need no plan.
+GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class AttentionBackend(Protocol):
@@ -39,12 +46,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     position 0, no window cut). None lets SDPA take its fused causal kernel, several times faster than an
     explicit mask. The batch dimension matters too: on 3-D inputs SDPA falls back to its slow math path.
     """
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # [1, n, Q, d], [1, g, K, d]
-        attn_mask=None if mask is None else mask[None, None], is_causal=mask is None,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
+    out = sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # [1, n, Q, d], [1, g, K, d]
+               None if mask is None else mask[None, None])
     return out[0].transpose(0, 1)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA, grouped-query when g < n: q [B, n, Q, d], k/v [B, g, K, d], mask broadcastable to [B, n, Q, K] or
+    None for plain causal attention -> [B, n, Q, d]. On a GPU, among `GPU_SDPA_BACKENDS` only."""
+    with sdpa_kernel(GPU_SDPA_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor | None:

@@ -28,3 +28,16 @@ def test_cuda_defaults_to_bf16_and_generates():
     assert next(llm.engine.model.parameters()).dtype == torch.bfloat16
     out = llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(max_tokens=8, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 8 for o in out)
+
+
+
+def test_attention_on_a_gpu_leaves_cudnn_out():
+    """cuDNN's SDPA builds a plan per new shape: milliseconds of CPU time in every layer of every decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = LLM("tiny", device="cuda", progress=False)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # a prefill step, then decode steps
+        llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(max_tokens=4, ignore_eos=True))
+    names = [event.name for event in prof.events()]
+    assert any("scaled_dot_product" in name for name in names)
+    assert not [name for name in names if "cudnn" in name]
