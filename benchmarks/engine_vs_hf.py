@@ -32,8 +32,10 @@ import sys
 import time
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from engine import LLM, SamplingParams
+from mistral import attention
 from mistral.config import ModelConfig
 from mistral.presets import resolve_model
 
@@ -290,6 +292,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time (c) with this msem step budget (chunked prefill); 0 to skip")
     p.add_argument("--device", default="cpu", help="cpu or cuda (both sides run there)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--cudnn-attention", action="store_true",
+                   help="let msem's SDPA take cuDNN's kernel too (mistral.attention.GPU_SDPA_BACKENDS leaves it out)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
@@ -307,11 +311,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from transformers import AutoModelForCausalLM  # heavy import, after argument errors
 
+    if args.cudnn_attention:
+        attention.GPU_SDPA_BACKENDS.insert(0, SDPBackend.CUDNN_ATTENTION)
     model_dir = resolve_model(args.model)
     cfg = ModelConfig.from_dir(model_dir)
     device, dtype, dtype_name = args.device, args.dtype, str(args.dtype).removeprefix("torch.")
     res = {"model": str(model_dir), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
            "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(), "device": str(device), "dtype": dtype_name,
+           "cudnn_attention": args.cudnn_attention,
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     log(f"model {model_dir}; torch {torch.__version__}, {torch.get_num_threads()} threads; {device}, {dtype_name}")
     log("measuring memory bandwidth ...")
