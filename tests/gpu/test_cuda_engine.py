@@ -30,7 +30,6 @@ def test_cuda_defaults_to_bf16_and_generates():
     assert all(len(o.outputs[0].token_ids) == 8 for o in out)
 
 
-
 def test_attention_on_a_gpu_leaves_cudnn_out():
     """cuDNN's SDPA builds a plan per new shape: milliseconds of CPU time in every layer of every decode step."""
     from torch.profiler import ProfilerActivity, profile
