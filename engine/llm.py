@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
+from engine.errors import EngineConfigError, InvalidRequestError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput, merge
 from engine.sampling_params import SamplingParams
@@ -59,6 +59,9 @@ class LLM:
                  progress: bool = True):
         self.model_path = resolve_model(model)
         dev, torch_dtype = resolve_device_dtype(device, dtype)
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            raise EngineConfigError(f"device {str(dev)!r}: this torch ({torch.__version__}) sees "
+                                    f"{torch.cuda.device_count()} CUDA device(s); use device='cpu' or another GPU")
         self.expert_runtime = None
         if expert_parallel is not None:
             if experts is not None:

@@ -1,6 +1,7 @@
 """Bad input is refused with a typed error whose message says what is allowed; the engine stays usable."""
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.errors import ChatTemplateError, EngineConfigError, InvalidRequestError, PromptTooLongError, \
@@ -115,3 +116,9 @@ def test_bad_kv_tier_settings(kwargs, match):
 
     with pytest.raises(EngineConfigError, match=match):
         EngineConfig(**kwargs)
+
+
+def test_a_gpu_that_torch_does_not_see_is_named():
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: "cuda:0" where there is none
+    with pytest.raises(EngineConfigError, match=rf"device '{missing}': this torch .* sees \d+ CUDA device"):
+        LLM("tiny", device=missing, progress=False)
